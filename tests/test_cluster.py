@@ -1,0 +1,279 @@
+"""Tests for pipeline.cluster, against real Dask clusters (no mocks)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import distributed
+import pytest
+
+from pipeline.cluster import (
+    ClusterClassSpec,
+    ClusterConnectionError,
+    LocalClusterSpec,
+    SchedulerSpec,
+    dashboard_link,
+    dask_client,
+    workers_memory_limit,
+)
+
+_BLAS_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _enter(spec: object) -> None:
+    with dask_client(spec):  # type: ignore[arg-type]
+        pass  # pragma: no cover
+
+
+def _blas_env() -> dict[str, str | None]:
+    return {name: os.environ.get(name) for name in _BLAS_VARS}
+
+
+@pytest.fixture(scope="module")
+def local_run() -> Iterator[tuple[distributed.Client, dict[str, str | None]]]:
+    # One process cluster shared by the LocalClusterSpec tests: starting
+    # worker processes is the slow part.
+    env_before = _blas_env()
+    spec = LocalClusterSpec(n_workers=2, threads_per_worker=1, memory_limit="512MB")
+    with dask_client(spec) as client:
+        yield client, env_before
+
+
+@pytest.fixture()
+def in_process_cluster() -> Iterator[distributed.LocalCluster]:
+    with distributed.LocalCluster(
+        n_workers=1, processes=False, dashboard_address=":0", silence_logs=False
+    ) as cluster:
+        yield cluster
+
+
+def test_local_cluster_starts_worker_processes(local_run) -> None:
+    client, _ = local_run
+    assert len(client.scheduler_info()["workers"]) == 2
+    pids = client.run(os.getpid)
+    assert len(set(pids.values())) == 2
+    assert os.getpid() not in pids.values()
+    assert client.submit(sum, [1, 2, 3]).result() == 6
+
+
+def test_local_cluster_memory_limit(local_run) -> None:
+    client, _ = local_run
+    assert workers_memory_limit(client) == 2 * 512_000_000
+
+
+def test_local_cluster_dashboard_link(local_run) -> None:
+    client, _ = local_run
+    link = dashboard_link(client)
+    assert link is not None
+    assert link.startswith("http://")
+    # dashboard_address=":0": a free port, not the default 8787.
+    assert ":8787/" not in link
+
+
+def test_local_cluster_workers_get_single_blas_thread(local_run) -> None:
+    # Distributed's nanny.pre-spawn-environ sets these to 1, unless the
+    # variable is already set in the parent environment, which then wins.
+    client, env_before = local_run
+    expected = {name: value if value is not None else "1" for name, value in env_before.items()}
+    per_worker = client.run(_blas_env)
+    assert list(per_worker.values()) == [expected, expected]
+
+
+def test_local_cluster_default_spec() -> None:
+    spec = LocalClusterSpec()
+    assert spec.resolved_n_workers == min(2, os.cpu_count() or 1)
+    assert spec.resolved_threads_per_worker == 1
+
+
+def test_local_cluster_restores_parent_environ(monkeypatch) -> None:
+    # The nanny exports its pre-spawn environment into this process before
+    # spawning workers; dask_client must undo that on exit.  A variable
+    # already set in the parent wins over Distributed's default of 1.
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")
+    with dask_client(LocalClusterSpec(n_workers=1)) as client:
+        (worker_env,) = client.run(_blas_env).values()
+        assert worker_env["OMP_NUM_THREADS"] == "1"
+        assert worker_env["MKL_NUM_THREADS"] == "3"
+    assert "OMP_NUM_THREADS" not in os.environ
+    assert "PYTHONHASHSEED" not in os.environ
+    assert os.environ["MKL_NUM_THREADS"] == "3"
+
+
+def test_local_cluster_closed_on_error() -> None:
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        dask_client(LocalClusterSpec(n_workers=1)) as client,
+    ):
+        cluster = client.cluster
+        raise RuntimeError("boom")
+    assert client.status == "closed"
+    assert cluster.status.name == "closed"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"n_workers": 0}, r"n_workers=0 should be >= 1\."),
+        ({"threads_per_worker": -1}, r"threads_per_worker=-1 should be >= 1\."),
+        ({"memory_limit": "lots"}, r"memory_limit='lots' should be a size such as '512MB'"),
+    ],
+)
+def test_local_cluster_spec_validation(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        LocalClusterSpec(**kwargs)
+
+
+def test_scheduler_spec_connects(in_process_cluster) -> None:
+    spec = SchedulerSpec(in_process_cluster.scheduler_address)
+    with dask_client(spec) as client:
+        assert client.scheduler.address == in_process_cluster.scheduler_address
+        assert client.submit(sum, [1, 2]).result() == 3
+        assert workers_memory_limit(client) > 0
+    # Not our cluster: it must still be running.
+    assert in_process_cluster.status.name == "running"
+
+
+@pytest.mark.parametrize(
+    "address", ["http://127.0.0.1:8786", "127.0.0.1:8786", "tcp://", "", "tcp:/host:1"]
+)
+def test_scheduler_spec_bad_scheme(address) -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"scheduler=.* should be a Dask scheduler address "
+        r"starting with tcp://, tls://, ucx://, inproc://",
+    ):
+        SchedulerSpec(address)
+
+
+def test_scheduler_spec_unreachable() -> None:
+    start = time.monotonic()
+    with pytest.raises(
+        ClusterConnectionError,
+        match=r"^could not connect to Dask scheduler at tcp://127\.0\.0\.1:1: ",
+    ) as excinfo:
+        _enter(SchedulerSpec("tcp://127.0.0.1:1", timeout=1.0))
+    assert time.monotonic() - start < 10
+    assert "\n" not in str(excinfo.value)
+    # Callers that report bad input with one "except ValueError" catch it too.
+    assert isinstance(excinfo.value, ValueError)
+
+
+def test_scheduler_spec_tls_without_certificates(monkeypatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("DASK_DISTRIBUTED__COMM__TLS"):
+            monkeypatch.delenv(name)
+    with pytest.raises(ValueError, match=r"uses TLS but no client certificate is configured"):
+        _enter(SchedulerSpec("tls://127.0.0.1:1", timeout=1.0))
+
+
+def test_scheduler_spec_tls_uses_dask_config() -> None:
+    pytest.importorskip("cryptography")
+    import dask.config
+    from distributed.security import Security
+
+    security = Security.temporary()  # in-memory self-signed CA and certificates
+    with distributed.LocalCluster(
+        n_workers=1,
+        processes=False,
+        protocol="tls",
+        security=security,
+        dashboard_address=":0",
+        silence_logs=False,
+    ) as cluster:
+        assert cluster.scheduler_address.startswith("tls://")
+        tls_config = {
+            "distributed.comm.tls.ca-file": security.tls_ca_file,
+            "distributed.comm.tls.client.cert": security.tls_client_cert,
+            "distributed.comm.tls.client.key": security.tls_client_key,
+        }
+        with (
+            dask.config.set(tls_config),
+            dask_client(SchedulerSpec(cluster.scheduler_address, timeout=10.0)) as client,
+        ):
+            assert client.submit(sum, [1, 2]).result() == 3
+
+
+def test_scheduler_spec_timeout_validation() -> None:
+    with pytest.raises(ValueError, match=r"timeout=0 should be > 0\."):
+        SchedulerSpec("tcp://127.0.0.1:8786", timeout=0)
+
+
+def test_cluster_class_spec() -> None:
+    spec = ClusterClassSpec(
+        "distributed.LocalCluster",
+        kwargs={"n_workers": 1, "processes": False, "dashboard_address": ":0"},
+    )
+    with dask_client(spec) as client:
+        cluster = client.cluster
+        assert isinstance(cluster, distributed.LocalCluster)
+        assert cluster._adaptive is None
+        assert client.submit(sum, [1, 2]).result() == 3
+    assert cluster.status.name == "closed"
+
+
+def test_cluster_class_spec_colon_path_and_adapt() -> None:
+    spec = ClusterClassSpec(
+        "distributed:LocalCluster",
+        kwargs={"n_workers": 1, "processes": False, "dashboard_address": ":0"},
+        adapt_minimum=1,
+        adapt_maximum=2,
+    )
+    with dask_client(spec) as client:
+        adaptive = client.cluster._adaptive
+        assert adaptive is not None
+        assert (adaptive.minimum, adaptive.maximum) == (1, 2)
+        assert client.submit(sum, [1, 2]).result() == 3
+
+
+@pytest.mark.parametrize(
+    ("path", "match"),
+    [
+        (
+            "no_such_pkg_xyz.Cluster",
+            r"cluster_class 'no_such_pkg_xyz.Cluster': no module named 'no_such_pkg_xyz'",
+        ),
+        (
+            "distributed.NoSuchCluster",
+            r"cluster_class 'distributed.NoSuchCluster': 'distributed' has no attribute",
+        ),
+        ("distributed.comm.tcp.logger", r"is not a class"),
+    ],
+)
+def test_cluster_class_spec_bad_import(path, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        _enter(ClusterClassSpec(path))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"cluster_class": "LocalCluster"}, r"should be an import path"),
+        (
+            {"cluster_class": "distributed.LocalCluster", "adapt_minimum": 3, "adapt_maximum": 2},
+            r"adapt_minimum=3 should be <= adapt_maximum=2\.",
+        ),
+        (
+            {"cluster_class": "distributed.LocalCluster", "adapt_maximum": 0},
+            r"adapt_maximum=0 should be >= 1\.",
+        ),
+    ],
+)
+def test_cluster_class_spec_validation(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        ClusterClassSpec(**kwargs)
+
+
+def test_cluster_class_without_adapt_refused_before_start() -> None:
+    # distributed.Scheduler has no adapt(); it must be refused before being built.
+    spec = ClusterClassSpec("distributed.Scheduler", adapt_maximum=2)
+    with pytest.raises(ValueError, match=r"has no adapt\(\) method"):
+        _enter(spec)
+
+
+def test_dask_client_rejects_unknown_spec() -> None:
+    with pytest.raises(TypeError, match="should be a LocalClusterSpec"):
+        _enter("tcp://127.0.0.1:8786")
