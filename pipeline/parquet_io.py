@@ -1,0 +1,438 @@
+"""Parquet in and out: the chunk plan, reading chunks, and writing labelled Parquet.
+
+A dataset is planned from the Parquet footers alone: the files, their row groups and their row
+counts give every chunk's length and global row offset without touching the data. Chunks are
+runs of whole row groups inside one file, so a chunk is one ``read_row_groups`` call and chunk
+boundaries never depend on anything but the files themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Self
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = [
+    "Chunk",
+    "InputError",
+    "LabelledFileWriter",
+    "OutputExistsError",
+    "ParquetDataset",
+    "atomic_output_dir",
+    "check_output_free",
+    "labelled_file_name",
+    "open_parquet",
+    "read_chunk",
+]
+
+#: Target size of one chunk's feature block in memory. Large enough that the scheduler's
+#: per-task overhead is a few percent of an iteration, small enough that a worker holding one
+#: chunk per thread stays far inside a 512 MB memory limit.
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+
+class InputError(ValueError):
+    """Bad user input: a file, column or parameter that cannot be used, named in the message."""
+
+
+class OutputExistsError(InputError, FileExistsError):
+    """The output path already exists and overwriting was not asked for."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A run of consecutive row groups of one file: the unit of reading and of Dask tasks."""
+
+    file_index: int
+    path: str
+    row_groups: tuple[int, ...]
+    n_rows: int
+    offset: int  # global index of the chunk's first row, over all files in order
+
+
+@dataclass(frozen=True)
+class ParquetDataset:
+    """The plan of a Parquet dataset: files, schema, feature columns and chunks.
+
+    Built by :func:`open_parquet` from the footers only. It is small and picklable, so it
+    travels inside the Dask graph.
+    """
+
+    fs: Any  # an fsspec filesystem; picklable, so workers can open the files themselves
+    files: tuple[str, ...]
+    file_rows: tuple[int, ...]
+    schema: pa.Schema
+    features: tuple[str, ...]
+    chunks: tuple[Chunk, ...]
+    id_column: str | None = None
+    weight_column: str | None = None
+
+    @property
+    def n_rows(self) -> int:
+        return sum(self.file_rows)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.features)
+
+    @property
+    def passthrough_columns(self) -> tuple[str, ...]:
+        """Input columns copied to the labelled output: every column that is not a feature."""
+        return tuple(name for name in self.schema.names if name not in self.features)
+
+    def chunk_sizes(self) -> tuple[int, ...]:
+        return tuple(chunk.n_rows for chunk in self.chunks)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this data for checkpoints and model files, without reading it."""
+        return {
+            "files": [os.path.basename(path) for path in self.files],
+            "file_rows": list(self.file_rows),
+            "features": list(self.features),
+            "weight_column": self.weight_column,
+        }
+
+
+def _is_numeric(field: pa.Field) -> bool:
+    return pa.types.is_integer(field.type) or pa.types.is_floating(field.type)
+
+
+def _resolve_files(source: str | os.PathLike[str]) -> tuple[Any, list[str]]:
+    """Expand a file, a directory or a glob into a sorted list of Parquet files."""
+    text = os.fspath(source)
+    fs, path = fsspec.core.url_to_fs(text)
+    if any(ch in path for ch in "*?["):
+        files = sorted(p for p in fs.glob(path) if fs.isfile(p))
+        if not files:
+            raise InputError(f"input '{text}': no files match this pattern.")
+        return fs, files
+    if not fs.exists(path):
+        raise InputError(f"input '{text}' does not exist.")
+    if fs.isdir(path):
+        files = sorted(
+            p
+            for p in fs.find(path)
+            if p.endswith((".parquet", ".parq", ".pq"))
+            and not any(part.startswith((".", "_")) for part in p[len(path) :].split("/"))
+        )
+        if not files:
+            raise InputError(f"input '{text}' is a directory with no .parquet files in it.")
+        return fs, files
+    return fs, [path]
+
+
+def _read_footer(fs: Any, path: str) -> pq.FileMetaData:
+    try:
+        with fs.open(path, "rb") as handle:
+            return pq.ParquetFile(handle).metadata
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"file '{path}' is not a readable Parquet file: {exc}") from None
+
+
+def _select_features(
+    schema: pa.Schema,
+    path: str,
+    features: Sequence[str] | None,
+    exclude: set[str],
+) -> tuple[str, ...]:
+    if features is None:
+        chosen = tuple(f.name for f in schema if _is_numeric(f) and f.name not in exclude)
+        if not chosen:
+            raise InputError(
+                f"file '{path}' has no numeric feature columns"
+                f" (columns: {', '.join(schema.names)}); name them with --features."
+            )
+        return chosen
+    if not features:
+        raise InputError("features is empty; name at least one column or leave it unset.")
+    if len(set(features)) != len(features):
+        raise InputError(f"features {list(features)} name a column more than once.")
+    for name in features:
+        if name not in schema.names:
+            raise InputError(
+                f"feature column '{name}' is not in file '{path}'"
+                f" (columns: {', '.join(schema.names)})."
+            )
+        if not _is_numeric(schema.field(name)):
+            raise InputError(
+                f"feature column '{name}' in file '{path}' has type"
+                f" {schema.field(name).type}; features must be integer or floating point."
+            )
+        if name in exclude:
+            raise InputError(f"column '{name}' cannot be both a feature and the id or weight column.")
+    return tuple(features)
+
+
+def _plan_chunks(
+    files: Sequence[str],
+    footers: Sequence[pq.FileMetaData],
+    row_bytes: int,
+    chunk_bytes: int,
+) -> tuple[Chunk, ...]:
+    target_rows = max(1, chunk_bytes // max(row_bytes, 1))
+    chunks: list[Chunk] = []
+    offset = 0
+    for file_index, (path, meta) in enumerate(zip(files, footers, strict=True)):
+        run: list[int] = []
+        run_rows = 0
+        for rg in range(meta.num_row_groups):
+            rg_rows = meta.row_group(rg).num_rows
+            if rg_rows == 0:
+                continue
+            if run and run_rows + rg_rows > target_rows:
+                chunks.append(Chunk(file_index, path, tuple(run), run_rows, offset))
+                offset += run_rows
+                run, run_rows = [], 0
+            run.append(rg)
+            run_rows += rg_rows
+        if run:
+            chunks.append(Chunk(file_index, path, tuple(run), run_rows, offset))
+            offset += run_rows
+    return tuple(chunks)
+
+
+def open_parquet(
+    source: str | os.PathLike[str],
+    *,
+    features: Sequence[str] | None = None,
+    id_column: str | None = None,
+    weight_column: str | None = None,
+    dtype: str | np.dtype[Any] = "float32",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> ParquetDataset:
+    """Plan a Parquet dataset from its footers.
+
+    Parameters
+    ----------
+    source : str or path
+        A Parquet file, a directory of them, or a glob; local or any fsspec URI.
+    features : sequence of str, optional
+        Feature columns. By default every integer or floating column except the id and weight
+        columns, in schema order.
+    id_column, weight_column : str, optional
+        Columns excluded from the default features. The weight column holds sample weights.
+    dtype : {"float32", "float64"}
+        Size of the feature values in memory; used to size the chunks.
+    chunk_bytes : int
+        Target in-memory size of one chunk's features. A chunk is never less than one row group.
+
+    Returns
+    -------
+    ParquetDataset
+
+    Raises
+    ------
+    InputError
+        Missing input, unreadable files, schemas that differ between files, unknown or
+        non-numeric feature columns, or a dataset with no rows.
+    """
+    fs, files = _resolve_files(source)
+    footers = [_read_footer(fs, path) for path in files]
+    schema = footers[0].schema.to_arrow_schema()
+    for path, meta in zip(files[1:], footers[1:], strict=True):
+        other = meta.schema.to_arrow_schema()
+        if not other.equals(schema, check_metadata=False):
+            raise InputError(
+                f"file '{path}' has a different schema from '{files[0]}':"
+                f" {_schema_difference(schema, other)}."
+            )
+    for role, name in (("id_column", id_column), ("weight_column", weight_column)):
+        if name is not None and name not in schema.names:
+            raise InputError(
+                f"{role} '{name}' is not in file '{files[0]}' (columns: {', '.join(schema.names)})."
+            )
+    if weight_column is not None and not _is_numeric(schema.field(weight_column)):
+        raise InputError(f"weight_column '{weight_column}' in file '{files[0]}' is not numeric.")
+    exclude = {name for name in (id_column, weight_column) if name is not None}
+    chosen = _select_features(schema, files[0], features, exclude)
+    row_bytes = np.dtype(dtype).itemsize * len(chosen)
+    chunks = _plan_chunks(files, footers, row_bytes, chunk_bytes)
+    file_rows = tuple(meta.num_rows for meta in footers)
+    if sum(file_rows) == 0:
+        raise InputError(f"input '{os.fspath(source)}' has no rows.")
+    return ParquetDataset(
+        fs=fs,
+        files=tuple(files),
+        file_rows=file_rows,
+        schema=schema,
+        features=chosen,
+        chunks=chunks,
+        id_column=id_column,
+        weight_column=weight_column,
+    )
+
+
+def _schema_difference(expected: pa.Schema, got: pa.Schema) -> str:
+    missing = [n for n in expected.names if n not in got.names]
+    extra = [n for n in got.names if n not in expected.names]
+    if missing or extra:
+        return f"missing columns {missing}, extra columns {extra}"
+    for field in expected:
+        other = got.field(field.name)
+        if field.type != other.type:
+            return f"column '{field.name}' is {other.type}, expected {field.type}"
+    return f"columns in a different order: {got.names}"
+
+
+def _read_table(dataset: ParquetDataset, chunk: Chunk, columns: Sequence[str]) -> pa.Table:
+    with dataset.fs.open(chunk.path, "rb") as handle:
+        return pq.ParquetFile(handle).read_row_groups(list(chunk.row_groups), columns=list(columns))
+
+
+def _to_matrix(table: pa.Table, columns: Sequence[str], dtype: np.dtype[Any]) -> np.ndarray:
+    out = np.empty((table.num_rows, len(columns)), dtype=dtype)
+    for j, name in enumerate(columns):
+        column = table.column(name)
+        if column.null_count:
+            raise _NonFinite(name, "null")
+        out[:, j] = column.to_numpy()
+    return out
+
+
+class _NonFinite(Exception):
+    def __init__(self, column: str, what: str) -> None:
+        self.column, self.what = column, what
+
+
+def read_chunk(
+    dataset: ParquetDataset,
+    chunk: Chunk,
+    dtype: str | np.dtype[Any] = "float32",
+    *,
+    passthrough: bool = False,
+) -> Any:
+    """Read one chunk: its features (rows x features) and, if any, its sample weights.
+
+    With ``passthrough=True`` also return the chunk's non-feature columns as an Arrow table
+    (read in the same call), for the label writer.
+
+    Returns
+    -------
+    (X, weights) or (X, weights, table)
+
+    Raises
+    ------
+    InputError
+        A feature holds a null, NaN or infinity, or a weight is negative, null or NaN; the
+        message names the column and the file.
+    """
+    dtype = np.dtype(dtype)
+    columns = list(dataset.features)
+    if passthrough:
+        columns += [n for n in dataset.passthrough_columns if n not in columns]
+    elif dataset.weight_column is not None:
+        columns.append(dataset.weight_column)
+    table = _read_table(dataset, chunk, columns)
+    try:
+        X = _to_matrix(table, dataset.features, dtype)
+    except _NonFinite as bad:
+        raise InputError(
+            f"feature column '{bad.column}' in file '{chunk.path}' has {bad.what} values;"
+            " clean or drop those rows first."
+        ) from None
+    if not np.isfinite(X).all():
+        bad_col = dataset.features[int(np.argmin(np.isfinite(X).all(axis=0)))]
+        raise InputError(
+            f"feature column '{bad_col}' in file '{chunk.path}' has NaN or infinite values"
+            " (or values too large for the dtype); clean or drop those rows first."
+        )
+    weights = None
+    if dataset.weight_column is not None:
+        column = table.column(dataset.weight_column)
+        weights = column.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+        if column.null_count or np.isnan(weights).any() or (weights < 0).any():
+            raise InputError(
+                f"weight column '{dataset.weight_column}' in file '{chunk.path}' has negative,"
+                " null or NaN weights; weights must be >= 0."
+            )
+    if passthrough:
+        return X, weights, table.select(list(dataset.passthrough_columns))
+    return X, weights
+
+
+@contextlib.contextmanager
+def atomic_output_dir(output: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[str]:
+    """Yield a temporary sibling directory that becomes ``output`` only if the block succeeds.
+
+    The existing output, if any, is replaced only after the new one is complete; on error the
+    temporary directory is removed and ``output`` is left as it was.
+    """
+    final = os.path.abspath(os.fspath(output))
+    check_output_free(final, overwrite=overwrite)
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(final)}.tmp-{uuid.uuid4().hex[:8]}")
+    os.mkdir(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(final):
+        old = f"{tmp}-old"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+
+
+def check_output_free(output: str | os.PathLike[str], *, overwrite: bool) -> None:
+    """Refuse an existing output unless overwriting was asked for."""
+    if os.path.exists(output) and not overwrite:
+        raise OutputExistsError(
+            f"output '{os.fspath(output)}' already exists; pass --overwrite to replace it."
+        )
+
+
+def labelled_file_name(path: str) -> str:
+    """The output file name for an input file: its own base name, as a .parquet file."""
+    base = os.path.basename(path)
+    stem, ext = os.path.splitext(base)
+    return base if ext in (".parquet", ".parq", ".pq") else f"{stem}.parquet"
+
+
+class LabelledFileWriter:
+    """Writes one input file's labelled copy: its non-feature columns, then ``cluster``
+    (int32) and ``distance`` (float64, squared distance to the assigned mean), chunk by chunk.
+
+    Use as a context manager; an input file with no rows still gets its (empty) output file.
+    """
+
+    def __init__(self, dataset: ParquetDataset, file_index: int, out_dir: str) -> None:
+        columns = dataset.passthrough_columns
+        self.schema = pa.schema(
+            [dataset.schema.field(n) for n in columns]
+            + [pa.field("cluster", pa.int32()), pa.field("distance", pa.float64())]
+        )
+        self.path = os.path.join(out_dir, labelled_file_name(dataset.files[file_index]))
+        self._writer: pq.ParquetWriter | None = None
+        self._rows = 0
+
+    def __enter__(self) -> Self:
+        self._writer = pq.ParquetWriter(self.path, self.schema)
+        return self
+
+    def write(self, passthrough: pa.Table, labels: np.ndarray, distances: np.ndarray) -> None:
+        assert self._writer is not None
+        arrays = list(passthrough.columns) + [
+            pa.array(np.asarray(labels, dtype=np.int32)),
+            pa.array(np.asarray(distances, dtype=np.float64)),
+        ]
+        self._writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
+        self._rows += len(labels)
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._writer is not None
+        if self._rows == 0:
+            self._writer.write_table(self.schema.empty_table())
+        self._writer.close()

@@ -1,0 +1,251 @@
+"""Passes over the data: one Dask graph per pass, reduced in a fixed tree.
+
+A pass maps every chunk of rows to small additive statistics (``kernel.chunk_stats``) and
+combines them pairwise in a fixed order, so the result does not depend on which task finishes
+first. The means enter the graph as one key, so they travel to each worker once per pass, and
+each pass is exactly one ``dask.compute``.
+
+:class:`DaskData` is what the fit loop iterates over: the rows as a Dask array chunked by rows,
+optional sample weights, and each chunk's global row offset (for randomness keyed by row).
+Whether the chunks are read from Parquet on every pass (streaming) or held in the workers'
+memory (persisted) is decided when the :class:`DaskData` is built; the passes do not care.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+import dask
+import dask.array as da
+import numpy as np
+from dask.delayed import Delayed, delayed
+
+from . import kernel, parquet_io
+from .kernel import ChunkStats
+
+__all__ = [
+    "DaskData",
+    "data_from_array",
+    "data_from_parquet",
+    "label_files",
+    "stats_pass",
+    "tree_reduce",
+]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DaskData:
+    """Rows to cluster, as Dask arrays chunked by rows only.
+
+    Attributes
+    ----------
+    X : dask.array.Array of shape (n, d)
+    weights : dask.array.Array of shape (n,), optional
+    xsq : dask.array.Array of shape (n,), optional
+        Squared row norms, kept when X is persisted so they are computed once.
+    source : ParquetDataset, optional
+        The Parquet plan the rows come from, when they do.
+    """
+
+    X: da.Array
+    weights: da.Array | None = None
+    xsq: da.Array | None = None
+    source: parquet_io.ParquetDataset | None = None
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.X.shape[0])
+
+    @property
+    def n_features(self) -> int:
+        return int(self.X.shape[1])
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        return tuple(int(o) for o in np.cumsum((0,) + self.X.chunks[0][:-1]))
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.X.nbytes)
+
+    def blocks(self) -> list[tuple[Any, Any, Any, int]]:
+        """Per chunk: (X block, weights block or None, xsq block or None, row offset)."""
+        xs = self.X.to_delayed().ravel().tolist()
+        ws = self.weights.to_delayed().ravel().tolist() if self.weights is not None else None
+        qs = self.xsq.to_delayed().ravel().tolist() if self.xsq is not None else None
+        return [
+            (x, None if ws is None else ws[i], None if qs is None else qs[i], off)
+            for i, (x, off) in enumerate(zip(xs, self.offsets, strict=True))
+        ]
+
+    def persist(self) -> DaskData:
+        """Hold the rows (and their squared norms) in the workers' memory."""
+        xsq = self.X.map_blocks(kernel.row_sq_norms, drop_axis=1, dtype=np.float64)
+        X, weights, xsq = dask.persist(self.X, self.weights, xsq)
+        return replace(self, X=X, weights=weights, xsq=xsq)
+
+
+def data_from_array(X: Any, sample_weight: Any = None, dtype: Any = None) -> DaskData:
+    """Wrap a NumPy or Dask array (and optional weights) as row-chunked :class:`DaskData`."""
+    if isinstance(X, da.Array):
+        arr = X
+    else:
+        arr = np.asarray(X)
+        arr = da.from_array(arr, chunks=(_default_rows(arr), -1))
+    if arr.ndim != 2:
+        raise ValueError(f"X should be 2-dimensional, got shape {arr.shape}.")
+    if dtype is not None:
+        arr = arr.astype(dtype)
+    elif arr.dtype not in (np.float32, np.float64):
+        arr = arr.astype(np.float64)
+    arr = arr.rechunk({1: -1})
+    weights = None
+    if sample_weight is not None:
+        weights = (
+            sample_weight
+            if isinstance(sample_weight, da.Array)
+            else da.from_array(np.asarray(sample_weight, dtype=np.float64), chunks=arr.chunks[0])
+        )
+        if weights.shape != (arr.shape[0],):
+            raise ValueError(
+                f"sample_weight has shape {weights.shape}; expected ({arr.shape[0]},)."
+            )
+        weights = weights.astype(np.float64).rechunk((arr.chunks[0],))
+    return DaskData(X=arr, weights=weights)
+
+
+def _default_rows(arr: np.ndarray) -> int:
+    row_bytes = max(1, arr.itemsize * (arr.shape[1] if arr.ndim == 2 else 1))
+    return max(1, min(len(arr), parquet_io.DEFAULT_CHUNK_BYTES // row_bytes))
+
+
+def data_from_parquet(dataset: parquet_io.ParquetDataset, dtype: Any = "float32") -> DaskData:
+    """Rows of a planned Parquet dataset as lazy Dask arrays: each compute reads the chunks.
+
+    Chunk lengths come from the plan (the footers), so nothing is read here.
+    """
+    dtype = np.dtype(dtype)
+    d = dataset.n_features
+    token = dask.base.tokenize(dataset.files, dataset.file_rows, dataset.features, str(dtype),
+                               dataset.weight_column, [c.row_groups for c in dataset.chunks])
+    parts = [
+        delayed(parquet_io.read_chunk, pure=True, nout=2)(
+            dataset, chunk, dtype, dask_key_name=f"read-parquet-{token}-{i}"
+        )
+        for i, chunk in enumerate(dataset.chunks)
+    ]
+    X = da.concatenate(
+        [da.from_delayed(p[0], shape=(c.n_rows, d), dtype=dtype) for p, c in zip(parts, dataset.chunks, strict=True)]
+    )
+    weights = None
+    if dataset.weight_column is not None:
+        weights = da.concatenate(
+            [
+                da.from_delayed(p[1], shape=(c.n_rows,), dtype=np.float64)
+                for p, c in zip(parts, dataset.chunks, strict=True)
+            ]
+        )
+    return DaskData(X=X, weights=weights, source=dataset)
+
+
+def tree_reduce(parts: Sequence[Delayed], combine: Callable[[T, T], T], split_every: int = 8) -> Delayed:
+    """Combine delayed partial results in a fixed tree: adjacent groups, in order, level by level."""
+    if not parts:
+        raise ValueError("nothing to reduce")
+    level = list(parts)
+    while len(level) > 1:
+        level = [
+            delayed(_combine_group, pure=True)(combine, level[i : i + split_every])
+            for i in range(0, len(level), split_every)
+        ]
+    return level[0]
+
+
+def _combine_group(combine: Callable[[T, T], T], items: Sequence[T]) -> T:
+    result = items[0]
+    for item in items[1:]:
+        result = combine(result, item)
+    return result
+
+
+def _chunk_stats_task(
+    X: np.ndarray,
+    weights: np.ndarray | None,
+    xsq: np.ndarray | None,
+    centers: np.ndarray,
+    previous: np.ndarray | None,
+    offset: int,
+    n_far: int,
+) -> ChunkStats:
+    return kernel.chunk_stats(
+        X, centers, weights=weights, xsq=xsq, previous=previous, offset=offset, n_far=n_far
+    )
+
+
+def stats_pass(
+    data: DaskData,
+    centers: np.ndarray,
+    *,
+    previous: np.ndarray | None = None,
+    n_far: int = 0,
+) -> ChunkStats:
+    """One pass: the reduced statistics of all rows for ``n_init`` sets of means.
+
+    ``centers`` has shape (n_init, k, d). Exactly one ``dask.compute``.
+    """
+    centers_key = delayed(np.asarray(centers, dtype=np.float64), pure=True)
+    previous_key = None if previous is None else delayed(np.asarray(previous), pure=True)
+    parts = [
+        delayed(_chunk_stats_task, pure=True)(x, w, q, centers_key, previous_key, off, n_far)
+        for x, w, q, off in data.blocks()
+    ]
+    (total,) = dask.compute(tree_reduce(parts, kernel.combine_stats))
+    return total
+
+
+def _label_file_task(
+    dataset: parquet_io.ParquetDataset,
+    file_index: int,
+    centers: np.ndarray,
+    dtype: Any,
+    out_dir: str,
+) -> ChunkStats:
+    """Label one input file chunk by chunk and write it; return its counts and loss."""
+    k, d = centers.shape
+    stats = ChunkStats(
+        sums=np.zeros((1, k, d)), counts=np.zeros((1, k)), loss=np.zeros(1),
+        changed=np.full(1, -1, dtype=np.int64), far_dist=np.zeros((1, 0)),
+        far_rows=np.zeros((1, 0, d)), far_index=np.zeros((1, 0), dtype=np.int64),
+    )  # fmt: skip
+    with parquet_io.LabelledFileWriter(dataset, file_index, out_dir) as writer:
+        for chunk in dataset.chunks:
+            if chunk.file_index != file_index:
+                continue
+            X, weights, passthrough = parquet_io.read_chunk(dataset, chunk, dtype, passthrough=True)
+            labels, dist = kernel.assign_labels(X, centers)
+            writer.write(passthrough, labels, dist)
+            w = np.ones(len(X)) if weights is None else weights
+            stats.counts[0] += np.bincount(labels, weights=w, minlength=k)
+            stats.loss[0] += float(np.dot(w, dist))
+            stats.n_rows += len(X)
+    return stats
+
+
+def label_files(
+    dataset: parquet_io.ParquetDataset, centers: np.ndarray, out_dir: str, dtype: Any = "float32"
+) -> ChunkStats:
+    """The final pass: write one labelled Parquet file per input file, in parallel on the
+    workers, and return the cluster sizes and inertia of ``centers`` over all rows."""
+    os.makedirs(out_dir, exist_ok=True)
+    centers_key = delayed(np.asarray(centers, dtype=np.float64), pure=True)
+    parts = [
+        delayed(_label_file_task, pure=False)(dataset, i, centers_key, np.dtype(dtype), out_dir)
+        for i in range(len(dataset.files))
+    ]
+    (total,) = dask.compute(tree_reduce(parts, kernel.combine_stats))
+    return total
