@@ -28,6 +28,7 @@ from .kernel import ChunkStats
 
 __all__ = [
     "DaskData",
+    "choose_cache",
     "data_from_array",
     "data_from_parquet",
     "label_files",
@@ -249,3 +250,29 @@ def label_files(
     ]
     (total,) = dask.compute(tree_reduce(parts, kernel.combine_stats))
     return total
+
+
+#: Share of the workers' total memory limit that persisted data may take; the rest is for the
+#: pass's temporaries (a chunk's distance blocks, labels, Arrow buffers) and Dask itself.
+PERSIST_FRACTION = 0.5
+
+
+def choose_cache(nbytes: int, memory_limit: int, cache: str = "auto") -> tuple[bool, str]:
+    """Whether to hold the data in the workers' memory (True) or stream it from Parquet.
+
+    ``memory_limit`` is the workers' total limit in bytes (0 when unknown or unlimited).
+    Returns the choice and the reason, for the log.
+    """
+    size = f"{nbytes / 2**20:.1f} MiB"
+    if cache == "memory":
+        return True, f"forced; data {size}"
+    if cache == "none":
+        return False, f"forced; data {size}"
+    if cache != "auto":
+        raise ValueError(f"cache={cache!r} should be one of auto, memory, none.")
+    if memory_limit <= 0:
+        return True, f"data {size}, workers have no memory limit"
+    budget = PERSIST_FRACTION * memory_limit
+    if nbytes <= budget:
+        return True, f"data {size} fits in {PERSIST_FRACTION:.0%} of the workers' {memory_limit / 2**20:.0f} MiB"
+    return False, f"data {size} exceeds {PERSIST_FRACTION:.0%} of the workers' {memory_limit / 2**20:.0f} MiB"

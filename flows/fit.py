@@ -1,0 +1,165 @@
+"""The ``kmeans-fit`` flow: Parquet in, means fitted by gradient descent on Dask, labels out.
+
+The flow process owns the Dask client and calls the engine in ``pipeline``; iterations are not
+Prefect tasks (a task per iteration would add scheduling latency and nothing else). Prefect
+gets the parameters, the logs of every iteration and the final outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Annotated, Any, Literal
+
+from prefect import flow, get_run_logger
+from pydantic import Field
+
+from pipeline import parquet_io
+from pipeline.cluster import dashboard_link, dask_client, workers_memory_limit
+from pipeline.estimator import initial_centers, validate_n_clusters
+from pipeline.fit import FitState, IterationReport, fit_means
+from pipeline.model import MODEL_FILE, write_model
+from pipeline.optimizer import make_step_rule
+from pipeline.passes import choose_cache, data_from_parquet, label_files
+
+from .params import ClusterChoice, LocalDask, to_cluster_spec
+
+__all__ = ["check_fit_inputs", "kmeans_fit", "progress_logger"]
+
+#: Plain per-iteration lines for the command line; the CLI attaches a handler to it.
+progress_logger = logging.getLogger("kmeans_gd.progress")
+
+
+def check_fit_inputs(
+    input: str,
+    output: str,
+    k: int,
+    *,
+    features: list[str] | None,
+    id_column: str | None,
+    weight_column: str | None,
+    dtype: str,
+    overwrite: bool,
+) -> parquet_io.ParquetDataset:
+    """Everything that can be checked from the footers, before any cluster is started."""
+    parquet_io.check_output_free(output, overwrite=overwrite)
+    dataset = parquet_io.open_parquet(
+        input, features=features, id_column=id_column, weight_column=weight_column, dtype=dtype
+    )
+    try:
+        validate_n_clusters(k, dataset.n_rows)
+    except ValueError as exc:
+        raise parquet_io.InputError(f"k={k} is larger than the {dataset.n_rows} rows of input '{input}'.") from exc
+    return dataset
+
+
+def _iteration_line(report: IterationReport) -> str:
+    best = min(report.records.values(), key=lambda rec: rec["loss"])
+    change = best["relative_change"]
+    changed = best["changed_labels"]
+    return (
+        f"iteration {report.iteration}  loss {best['loss']:.6g}"
+        f"  change {'-' if change is None else f'{change:.3e}'}"
+        f"  changed {'-' if changed is None else changed}"
+        f"  seconds {report.seconds:.3f}"
+    )
+
+
+@flow(name="kmeans-fit", validate_parameters=True)
+def kmeans_fit(
+    input: Annotated[str, Field(min_length=1, description="Parquet file, directory or glob (local path or fsspec URI).")],
+    output: Annotated[str, Field(min_length=1, description="Output directory: model.json and labels/.")],
+    k: Annotated[int, Field(ge=1, description="Number of clusters.")],
+    features: Annotated[list[str] | None, Field(description="Feature columns (default: every numeric column but the id and weight columns).")] = None,
+    id_column: Annotated[str | None, Field(description="Id column, never a feature; copied to the labels.")] = None,
+    weight_column: Annotated[str | None, Field(description="Sample weight column (>= 0).")] = None,
+    init: Annotated[Literal["k-means++", "random"], Field(description="Initialisation.")] = "k-means++",
+    n_init: Annotated[int, Field(ge=1, le=100, description="Restarts, all evaluated in the same pass over the data.")] = 1,
+    max_iter: Annotated[int, Field(ge=1, le=100_000, description="Most iterations (passes over the data).")] = 100,
+    tol: Annotated[float, Field(ge=0, description="Stop when the relative loss decrease falls below this.")] = 1e-4,
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1, description="Seed of every random choice.")] = 0,
+    step: Annotated[Literal["newton", "damped", "fixed"], Field(description="Step rule: newton = Lloyd's update.")] = "newton",
+    learning_rate: Annotated[float | None, Field(gt=0, description="Step of the 'fixed' rule (default 0.1).")] = None,
+    alpha: Annotated[float | None, Field(gt=0, le=1, description="Fraction of the Newton step for 'damped' (default 0.5).")] = None,
+    dtype: Annotated[Literal["float32", "float64"], Field(description="Precision of the features in memory; statistics are float64.")] = "float32",
+    cache: Annotated[Literal["auto", "memory", "none"], Field(description="Hold the data in worker memory, stream it from Parquet every iteration, or choose by size.")] = "auto",
+    cluster: Annotated[ClusterChoice, Field(description="Dask cluster to compute on.")] = LocalDask(),
+    overwrite: Annotated[bool, Field(description="Replace an existing output.")] = False,
+) -> dict[str, Any]:
+    """Fit k-means by gradient descent to Parquet data and write labelled Parquet."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    parameters = {
+        "input": input, "output": output, "k": k, "features": features, "id_column": id_column,
+        "weight_column": weight_column, "init": init, "n_init": n_init, "max_iter": max_iter,
+        "tol": tol, "seed": seed, "step": step, "learning_rate": learning_rate, "alpha": alpha,
+        "dtype": dtype, "cache": cache,
+    }  # fmt: skip
+    dataset = check_fit_inputs(
+        input, output, k, features=features, id_column=id_column,
+        weight_column=weight_column, dtype=dtype, overwrite=overwrite,
+    )  # fmt: skip
+    step_rule = make_step_rule(step, learning_rate=learning_rate, alpha=alpha)
+    logger.info(
+        "input %s: %d rows in %d files, %d chunks, features %s",
+        input, dataset.n_rows, len(dataset.files), len(dataset.chunks), ", ".join(dataset.features),
+    )  # fmt: skip
+
+    with dask_client(to_cluster_spec(cluster)) as client:
+        logger.info("Dask dashboard: %s", dashboard_link(client) or "not available")
+        data = data_from_parquet(dataset, dtype)
+        persist, why = choose_cache(data.nbytes, workers_memory_limit(client), cache)
+        logger.info("data cache: %s (%s)", "memory" if persist else "streamed from Parquet", why)
+        if persist:
+            data = data.persist()
+
+        t0 = time.perf_counter()
+        centers = initial_centers(data, k, init=init, n_init=n_init, seed=seed)
+        init_seconds = time.perf_counter() - t0
+        logger.info("initialised %d restart(s) with %s in %.2f s", n_init, init, init_seconds)
+
+        def on_iteration(report: IterationReport) -> None:
+            line = _iteration_line(report)
+            logger.info(line)
+            progress_logger.info(line)
+            for note in report.notes:
+                logger.warning(note)
+
+        result = fit_means(
+            data, FitState.start(centers), max_iter=max_iter, tol=tol, step=step_rule,
+            on_iteration=on_iteration,
+        )  # fmt: skip
+
+        with parquet_io.atomic_output_dir(output, overwrite=overwrite) as tmp:
+            t0 = time.perf_counter()
+            final = label_files(dataset, result.centers, os.path.join(tmp, "labels"), dtype)
+            label_seconds = time.perf_counter() - t0
+            summary = {
+                "features": list(dataset.features),
+                "centers": result.centers,
+                "inertia": result.inertia,
+                "n_iter": result.n_iter,
+                "converged": result.converged,
+                "stop_reason": result.stop_reason,
+                "cluster_sizes": final.counts[0].tolist(),
+                "n_rows": dataset.n_rows,
+                "history": result.history,
+                "restarts": result.restarts,
+                "parameters": parameters,
+                "data": dataset.fingerprint(),
+                "seconds": {
+                    "init": init_seconds,
+                    "iterations": sum(rec["seconds"] for rec in result.history),
+                    "labels": label_seconds,
+                    "total": time.perf_counter() - started,
+                },
+            }
+            write_model(os.path.join(tmp, MODEL_FILE), summary)
+    logger.info(
+        "done: inertia %.6g after %d iterations (%s); outputs in %s",
+        result.inertia, result.n_iter, result.stop_reason, output,
+    )  # fmt: skip
+    return {key: summary[key] for key in ("inertia", "n_iter", "converged", "stop_reason", "cluster_sizes", "n_rows")} | {
+        "output": os.path.abspath(output)
+    }

@@ -1,0 +1,57 @@
+"""The ``kmeans-predict`` flow: label Parquet files with the means of a saved model."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any
+
+from prefect import flow, get_run_logger
+from pydantic import Field
+
+from pipeline import parquet_io
+from pipeline.cluster import dask_client
+from pipeline.model import Model, read_model
+from pipeline.passes import label_files
+
+from .params import ClusterChoice, LocalDask, to_cluster_spec
+
+__all__ = ["check_predict_inputs", "kmeans_predict"]
+
+
+def check_predict_inputs(
+    model: str, input: str, output: str, *, overwrite: bool
+) -> tuple[Model, parquet_io.ParquetDataset]:
+    """Everything that can be checked from the model file and the footers."""
+    parquet_io.check_output_free(output, overwrite=overwrite)
+    saved = read_model(model)
+    dataset = parquet_io.open_parquet(input, features=list(saved.features), dtype=saved.dtype)
+    return saved, dataset
+
+
+@flow(name="kmeans-predict", validate_parameters=True)
+def kmeans_predict(
+    model: Annotated[str, Field(min_length=1, description="model.json of a kmeans-fit run (or its output directory).")],
+    input: Annotated[str, Field(min_length=1, description="Parquet file, directory or glob to label.")],
+    output: Annotated[str, Field(min_length=1, description="Output directory: one labelled file per input file.")],
+    cluster: Annotated[ClusterChoice, Field(description="Dask cluster to compute on.")] = LocalDask(),
+    overwrite: Annotated[bool, Field(description="Replace an existing output.")] = False,
+) -> dict[str, Any]:
+    """Label Parquet rows with the nearest mean of a saved model."""
+    logger = get_run_logger()
+    saved, dataset = check_predict_inputs(model, input, output, overwrite=overwrite)
+    logger.info(
+        "model %s: k=%d on %s; input %d rows in %d files",
+        saved.path, len(saved.centers), ", ".join(saved.features), dataset.n_rows,
+        len(dataset.files),
+    )  # fmt: skip
+    with dask_client(to_cluster_spec(cluster)) as client:
+        del client  # computations use the client as Dask's default scheduler
+        with parquet_io.atomic_output_dir(output, overwrite=overwrite) as tmp:
+            stats = label_files(dataset, saved.centers, tmp, saved.dtype)
+    logger.info("labelled %d rows; inertia %.6g; outputs in %s", dataset.n_rows, stats.loss[0], output)
+    return {
+        "output": os.path.abspath(output),
+        "n_rows": dataset.n_rows,
+        "inertia": float(stats.loss[0]),
+        "cluster_sizes": stats.counts[0].tolist(),
+    }
