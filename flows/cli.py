@@ -120,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print_summary(result: dict[str, Any], seconds: float) -> None:
-    sizes = ", ".join(str(int(round(size))) for size in result["cluster_sizes"])
+    sizes = ", ".join(str(round(size)) for size in result["cluster_sizes"])
     print(
         f"done: {result['n_rows']} rows, inertia {result['inertia']:.6g},"
         f" {result['n_iter']} iterations ({result['stop_reason']}), wall time {seconds:.1f} s\n"
