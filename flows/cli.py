@@ -91,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--dtype", default="float32", help="float32 (default) or float64")
     fit.add_argument("--cache", default="auto", help="auto (default), memory or none (stream from Parquet)")
     fit.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    fit.add_argument("--no-resume", dest="resume", action="store_false",
+                     help="ignore the checkpoint of an interrupted run and start over")
     fit.add_argument("--quiet", action="store_true", help="no per-iteration lines")
     _add_cluster_options(fit)
 
@@ -150,7 +152,7 @@ def _run_fit(args: argparse.Namespace) -> int:
         "n_init": args.n_init, "max_iter": args.max_iter, "tol": args.tol, "seed": args.seed,
         "step": args.step, "learning_rate": args.learning_rate, "alpha": args.alpha,
         "dtype": args.dtype, "cache": args.cache, "cluster": _cluster_parameter(args),
-        "overwrite": args.overwrite,
+        "overwrite": args.overwrite, "resume": args.resume,
     }  # fmt: skip
     _validated(kmeans_fit, parameters)
     check_fit_inputs(

@@ -13,9 +13,15 @@ import time
 from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from pydantic import Field
 
-from pipeline import parquet_io
+from pipeline import checkpoint, parquet_io, report
 from pipeline.cluster import dashboard_link, dask_client, workers_memory_limit
 from pipeline.estimator import initial_centers, validate_n_clusters
 from pipeline.fit import FitState, IterationReport, fit_means
@@ -86,6 +92,7 @@ def kmeans_fit(
     cache: Annotated[Literal["auto", "memory", "none"], Field(description="Hold the data in worker memory, stream it from Parquet every iteration, or choose by size.")] = "auto",
     cluster: Annotated[ClusterChoice, Field(description="Dask cluster to compute on.")] = LocalDask(),
     overwrite: Annotated[bool, Field(description="Replace an existing output.")] = False,
+    resume: Annotated[bool, Field(description="Resume from the checkpoint of an interrupted run with the same data and parameters.")] = True,
 ) -> dict[str, Any]:
     """Fit k-means by gradient descent to Parquet data and write labelled Parquet."""
     logger = get_run_logger()
@@ -106,6 +113,12 @@ def kmeans_fit(
         input, dataset.n_rows, len(dataset.files), len(dataset.chunks), ", ".join(dataset.features),
     )  # fmt: skip
 
+    checkpoint_file = checkpoint.checkpoint_path(output)
+    checkpoint_key = {"data": dataset.fingerprint()} | {
+        name: value for name, value in parameters.items() if name not in ("input", "output", "cache")
+    }
+    state = checkpoint.load_checkpoint(checkpoint_file, checkpoint_key) if resume else None
+
     with dask_client(to_cluster_spec(cluster)) as client:
         logger.info("Dask dashboard: %s", dashboard_link(client) or "not available")
         data = data_from_parquet(dataset, dtype)
@@ -115,21 +128,32 @@ def kmeans_fit(
             data = data.persist()
 
         t0 = time.perf_counter()
-        centers = initial_centers(data, k, init=init, n_init=n_init, seed=seed)
+        if state is None:
+            centers = initial_centers(data, k, init=init, n_init=n_init, seed=seed)
+            state = FitState.start(centers)
+            logger.info("initialised %d restart(s) with %s in %.2f s", n_init, init, time.perf_counter() - t0)
+        else:
+            logger.info("resuming from %s after iteration %d", checkpoint_file, state.iteration)
         init_seconds = time.perf_counter() - t0
-        logger.info("initialised %d restart(s) with %s in %.2f s", n_init, init, init_seconds)
+        progress = create_progress_artifact(
+            progress=100.0 * state.iteration / max_iter, key="kmeans-fit-progress",
+            description=f"k-means fit of {input}: iterations done out of at most {max_iter}",
+        )  # fmt: skip
 
-        def on_iteration(report: IterationReport) -> None:
-            line = _iteration_line(report)
+        def on_iteration(report_: IterationReport) -> None:
+            checkpoint.save_checkpoint(checkpoint_file, checkpoint_key, report_.state)
+            line = _iteration_line(report_)
             logger.info(line)
             progress_logger.info(line)
-            for note in report.notes:
+            for note in report_.notes:
                 logger.warning(note)
+                progress_logger.info(note)
+            done = 100.0 if report_.state.done else 100.0 * report_.iteration / max_iter
+            update_progress_artifact(progress, progress=done)
 
         result = fit_means(
-            data, FitState.start(centers), max_iter=max_iter, tol=tol, step=step_rule,
-            on_iteration=on_iteration,
-        )  # fmt: skip
+            data, state, max_iter=max_iter, tol=tol, step=step_rule, on_iteration=on_iteration
+        )
 
         with parquet_io.atomic_output_dir(output, overwrite=overwrite) as tmp:
             t0 = time.perf_counter()
@@ -156,6 +180,16 @@ def kmeans_fit(
                 },
             }
             write_model(os.path.join(tmp, MODEL_FILE), summary)
+            report.loss_curve_png(result.history, os.path.join(tmp, "loss.png"))
+    checkpoint.remove_checkpoint(checkpoint_file)
+    create_table_artifact(
+        table=report.iteration_table(result.history), key="kmeans-fit-iterations",
+        description="Loss, relative change, changed labels and seconds per iteration",
+    )  # fmt: skip
+    create_markdown_artifact(
+        markdown=report.summary_markdown(summary, os.path.abspath(output)), key="kmeans-fit-summary",
+        description="Summary of the k-means fit",
+    )  # fmt: skip
     logger.info(
         "done: inertia %.6g after %d iterations (%s); outputs in %s",
         result.inertia, result.n_iter, result.stop_reason, output,

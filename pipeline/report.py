@@ -1,0 +1,73 @@
+"""Human-readable reports of a fit: the loss curve as PNG, the summary and iteration table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["iteration_table", "loss_curve_png", "summary_markdown"]
+
+
+def loss_curve_png(history: list[dict[str, Any]], path: str, title: str = "k-means loss") -> None:
+    """Plot the loss per iteration (log scale) to a PNG file."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    iterations = [rec["iteration"] for rec in history]
+    losses = [rec["loss"] for rec in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    try:
+        ax.plot(iterations, losses, marker="o", markersize=3)
+        if min(losses) > 0:
+            ax.set_yscale("log")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("loss (sum of squared distances)")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+
+
+def iteration_table(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per iteration: loss, relative change, changed labels, seconds."""
+    return [
+        {
+            "iteration": rec["iteration"],
+            "loss": rec["loss"],
+            "relative_change": rec["relative_change"],
+            "changed_labels": rec["changed_labels"],
+            "seconds": round(rec["seconds"], 4),
+        }
+        for rec in history
+    ]
+
+
+def summary_markdown(model: dict[str, Any], output: str) -> str:
+    """The markdown summary of a finished fit."""
+    sizes = model["cluster_sizes"]
+    size_text = ", ".join(f"{round(s)}" for s in sizes)
+    params = model["parameters"]
+    lines = [
+        "# k-means fit",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| k | {len(model['centers'])} |",
+        f"| rows | {model['n_rows']} |",
+        f"| features | {', '.join(model['features'])} |",
+        f"| inertia | {model['inertia']:.6g} |",
+        f"| iterations | {model['n_iter']} |",
+        f"| stop reason | {model['stop_reason']} |",
+        f"| converged | {model['converged']} |",
+        f"| init | {params.get('init')} (n_init={params.get('n_init')}) |",
+        f"| step | {params.get('step')} |",
+        f"| cluster sizes | {size_text} |",
+        f"| seconds | {model['seconds']['total']:.1f} |",
+        f"| model | `{output}/model.json` |",
+        f"| labels | `{output}/labels/` |",
+        f"| loss curve | `{output}/loss.png` |",
+    ]
+    return "\n".join(lines) + "\n"
