@@ -32,6 +32,13 @@ def _prepare_prefect_environment() -> None:
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         os.environ.setdefault("PREFECT_API_BLOCKS_REGISTER_ON_START", "false")
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    # Prefect may already be imported (``python -m flows.cli`` imports the flows first) and
+    # has then set up its console handler; quiet that one directly.
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler):
+            handler.setLevel(logging.CRITICAL)
 
 
 def _feature_list(text: str) -> list[str]:

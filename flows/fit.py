@@ -133,7 +133,9 @@ def kmeans_fit(
             state = FitState.start(centers)
             logger.info("initialised %d restart(s) with %s in %.2f s", n_init, init, time.perf_counter() - t0)
         else:
-            logger.info("resuming from %s after iteration %d", checkpoint_file, state.iteration)
+            line = f"resuming from {checkpoint_file} after iteration {state.iteration}"
+            logger.info(line)
+            progress_logger.info(line)
         init_seconds = time.perf_counter() - t0
         progress = create_progress_artifact(
             progress=100.0 * state.iteration / max_iter, key="kmeans-fit-progress",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -61,7 +62,7 @@ def write_split(
 ) -> Path:
     """Write X as several files cut at the row indices ``splits``, with a global ``id``."""
     bounds = [0, *splits, len(X)]
-    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
         extra = {"id": np.arange(lo, hi, dtype=np.int64)} if with_id else None
         write_parquet(directory / f"part-{i:03d}.parquet", X[lo:hi],
                       row_group_rows=row_group_rows, extra=extra)
@@ -83,3 +84,14 @@ def blobs(n: int = 3000, d: int = 4, k: int = 5, seed: int = 0, spread: float = 
     rng = np.random.default_rng(seed)
     centers = rng.uniform(-10, 10, size=(k, d))
     return centers[rng.integers(0, k, size=n)] + spread * rng.normal(size=(n, d))
+
+
+@pytest.fixture(scope="session")
+def cli_env(prefect_harness: None) -> dict[str, str]:
+    """Environment for ``kmeans-gd`` subprocesses: the session's Prefect API, so each process
+    does not start a temporary server of its own."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = dict(os.environ)
+    env["PREFECT_API_URL"] = str(PREFECT_API_URL.value())
+    return env
