@@ -22,12 +22,18 @@ from prefect.artifacts import (
 from pydantic import Field
 
 from pipeline import checkpoint, parquet_io, report
-from pipeline.cluster import dashboard_link, dask_client, workers_memory_limit
+from pipeline.cluster import (
+    dashboard_link,
+    dask_client,
+    worker_memory_per_thread,
+    workers_memory_limit,
+    workers_peak_memory,
+)
 from pipeline.estimator import initial_centers, validate_n_clusters
 from pipeline.fit import FitState, IterationReport, fit_means
 from pipeline.model import MODEL_FILE, write_model
 from pipeline.optimizer import make_step_rule
-from pipeline.passes import choose_cache, data_from_parquet, label_files
+from pipeline.passes import choose_cache, chunk_bytes_for, data_from_parquet, label_files
 
 from .params import ClusterChoice, LocalDask, to_cluster_spec
 
@@ -121,6 +127,7 @@ def kmeans_fit(
 
     with dask_client(to_cluster_spec(cluster)) as client:
         logger.info("Dask dashboard: %s", dashboard_link(client) or "not available")
+        dataset = dataset.rechunked(chunk_bytes_for(worker_memory_per_thread(client)), dtype)
         data = data_from_parquet(dataset, dtype)
         persist, why = choose_cache(data.nbytes, workers_memory_limit(client), cache)
         logger.info("data cache: %s (%s)", "memory" if persist else "streamed from Parquet", why)
@@ -181,6 +188,12 @@ def kmeans_fit(
                     "total": time.perf_counter() - started,
                 },
             }
+            peaks = workers_peak_memory(client)
+            summary["workers_peak_memory"] = peaks
+            logger.info(
+                "workers' peak memory: %s",
+                ", ".join(f"{rss / 2**20:.0f} MiB" for rss in peaks.values()),
+            )
             write_model(os.path.join(tmp, MODEL_FILE), summary)
             report.loss_curve_png(result.history, os.path.join(tmp, "loss.png"))
     checkpoint.remove_checkpoint(checkpoint_file)

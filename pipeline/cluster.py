@@ -38,6 +38,8 @@ __all__ = [
     "SchedulerSpec",
     "dashboard_link",
     "dask_client",
+    "worker_memory_per_thread",
+    "workers_peak_memory",
     "workers_memory_limit",
 ]
 
@@ -296,6 +298,48 @@ def workers_memory_limit(client: distributed.Client) -> int:
             return 0
         total += int(limit)
     return total
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+def workers_peak_memory(client: distributed.Client) -> dict[str, int]:
+    """Peak resident memory of each worker process so far, in bytes (Linux's ru_maxrss)."""
+    return {address: int(rss) for address, rss in client.run(_peak_rss).items()}
+
+
+def _rss_with_engine_loaded() -> int:
+    import psutil
+
+    import pipeline.kernel  # noqa: F401  (numba and the kernel are most of a worker's baseline)
+    import pipeline.parquet_io  # noqa: F401
+
+    return int(psutil.Process().memory_info().rss)
+
+
+#: Share of a worker's memory limit that tasks may fill; Dask pauses a worker at 80%.
+_USABLE_FRACTION = 0.7
+
+
+def worker_memory_per_thread(client: distributed.Client) -> int:
+    """Bytes one task may use: the smallest ``(0.7 * memory_limit - baseline) / nthreads`` over
+    the current workers, where the baseline is the worker's memory with the engine loaded.
+
+    0 if there are no workers or any has no limit.
+    """
+    workers = _scheduler_info(client).get("workers", {})
+    if not workers or not all(w.get("memory_limit") for w in workers.values()):
+        return 0
+    baseline = client.run(_rss_with_engine_loaded)
+    shares = [
+        (_USABLE_FRACTION * int(w["memory_limit"]) - baseline.get(address, 0))
+        // max(int(w.get("nthreads") or 1), 1)
+        for address, w in workers.items()
+    ]
+    return max(int(min(shares)), 1)
 
 
 @contextmanager

@@ -9,6 +9,7 @@ boundaries never depend on anything but the files themselves.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -77,6 +78,7 @@ class ParquetDataset:
     id_column: str | None = None
     weight_column: str | None = None
     footer_digest: str = ""
+    row_groups: tuple[tuple[int, ...], ...] = ()  # rows of every row group, per file
 
     @property
     def n_rows(self) -> int:
@@ -90,6 +92,13 @@ class ParquetDataset:
     def passthrough_columns(self) -> tuple[str, ...]:
         """Input columns copied to the labelled output: every column that is not a feature."""
         return tuple(name for name in self.schema.names if name not in self.features)
+
+    def rechunked(self, chunk_bytes: int, dtype: str | np.dtype[Any] = "float32") -> ParquetDataset:
+        """The same data planned with another target chunk size (no I/O: the footers' row
+        group sizes are kept)."""
+        row_bytes = np.dtype(dtype).itemsize * self.n_features
+        chunks = _plan_chunks(self.files, self.row_groups, row_bytes, chunk_bytes)
+        return dataclasses.replace(self, chunks=chunks)
 
     def chunk_sizes(self) -> tuple[int, ...]:
         return tuple(chunk.n_rows for chunk in self.chunks)
@@ -197,18 +206,17 @@ def _select_features(
 
 def _plan_chunks(
     files: Sequence[str],
-    footers: Sequence[pq.FileMetaData],
+    row_groups: Sequence[Sequence[int]],
     row_bytes: int,
     chunk_bytes: int,
 ) -> tuple[Chunk, ...]:
     target_rows = max(1, chunk_bytes // max(row_bytes, 1))
     chunks: list[Chunk] = []
     offset = 0
-    for file_index, (path, meta) in enumerate(zip(files, footers, strict=True)):
+    for file_index, (path, sizes) in enumerate(zip(files, row_groups, strict=True)):
         run: list[int] = []
         run_rows = 0
-        for rg in range(meta.num_row_groups):
-            rg_rows = meta.row_group(rg).num_rows
+        for rg, rg_rows in enumerate(sizes):
             if rg_rows == 0:
                 continue
             if run and run_rows + rg_rows > target_rows:
@@ -278,7 +286,10 @@ def open_parquet(
     exclude = {name for name in (id_column, weight_column) if name is not None}
     chosen = _select_features(schema, files[0], features, exclude)
     row_bytes = np.dtype(dtype).itemsize * len(chosen)
-    chunks = _plan_chunks(files, footers, row_bytes, chunk_bytes)
+    row_groups = tuple(
+        tuple(meta.row_group(rg).num_rows for rg in range(meta.num_row_groups)) for meta in footers
+    )
+    chunks = _plan_chunks(files, row_groups, row_bytes, chunk_bytes)
     file_rows = tuple(meta.num_rows for meta in footers)
     if sum(file_rows) == 0:
         raise InputError(f"input '{os.fspath(source)}' has no rows.")
@@ -292,6 +303,7 @@ def open_parquet(
         id_column=id_column,
         weight_column=weight_column,
         footer_digest=_footer_digest(footers),
+        row_groups=row_groups,
     )
 
 
@@ -308,8 +320,10 @@ def _schema_difference(expected: pa.Schema, got: pa.Schema) -> str:
 
 
 def _read_table(dataset: ParquetDataset, chunk: Chunk, columns: Sequence[str]) -> pa.Table:
+    # pre_buffer=False: coalescing the reads would hold the chunk's compressed pages all at once
     with dataset.fs.open(chunk.path, "rb") as handle:
-        return pq.ParquetFile(handle).read_row_groups(list(chunk.row_groups), columns=list(columns))
+        parquet = pq.ParquetFile(handle, pre_buffer=False)
+        return parquet.read_row_groups(list(chunk.row_groups), columns=list(columns))
 
 
 def _to_matrix(table: pa.Table, columns: Sequence[str], dtype: np.dtype[Any]) -> np.ndarray:

@@ -29,8 +29,10 @@ from .kernel import ChunkStats
 __all__ = [
     "DaskData",
     "choose_cache",
+    "chunk_bytes_for",
     "data_from_array",
     "data_from_parquet",
+    "gather_rows",
     "label_files",
     "stats_pass",
     "tree_reduce",
@@ -174,6 +176,34 @@ def _combine_group(combine: Callable[[T, T], T], items: Sequence[T]) -> T:
     return result
 
 
+def _take_rows(X: np.ndarray, weights: np.ndarray | None, local: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    return X[local], None if weights is None else weights[local]
+
+
+def gather_rows(data: DaskData, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows at the sorted global ``index`` and their weights (1 where unweighted).
+
+    One task per chunk that holds a wanted row, each returning only those rows, so memory is
+    bounded by a chunk on the workers and by the wanted rows on the client (Dask's own fancy
+    indexing would shuffle whole chunks).
+    """
+    index = np.asarray(index, dtype=np.int64)
+    bounds = np.cumsum((0,) + data.X.chunks[0])
+    parts = []
+    for i, (x, w, _, _) in enumerate(data.blocks()):
+        lo, hi = np.searchsorted(index, [bounds[i], bounds[i + 1]])
+        if hi > lo:
+            parts.append(delayed(_take_rows, pure=True)(x, w, index[lo:hi] - bounds[i]))
+    (taken,) = dask.compute(parts)
+    d = data.n_features
+    rows = np.concatenate([t[0] for t in taken]) if taken else np.empty((0, d))
+    if data.weights is None:
+        weights = np.ones(len(rows))
+    else:
+        weights = np.concatenate([t[1] for t in taken]) if taken else np.empty(0)
+    return np.asarray(rows, dtype=np.float64), np.asarray(weights, dtype=np.float64)
+
+
 def _chunk_stats_task(
     X: np.ndarray,
     weights: np.ndarray | None,
@@ -255,6 +285,17 @@ def label_files(
 #: Share of the workers' total memory limit that persisted data may take; the rest is for the
 #: pass's temporaries (a chunk's distance blocks, labels, Arrow buffers) and Dask itself.
 PERSIST_FRACTION = 0.5
+
+
+def chunk_bytes_for(memory_per_thread: int) -> int:
+    """Target chunk size for tasks that may each use ``memory_per_thread`` bytes.
+
+    Reading a chunk peaks at about four times its size (compressed pages, the Arrow table, the
+    matrix, per-row labels and distances; measured with pyarrow 26), so a fifth of the budget.
+    """
+    if memory_per_thread <= 0:
+        return parquet_io.DEFAULT_CHUNK_BYTES
+    return int(min(max(memory_per_thread // 5, 1 << 20), parquet_io.DEFAULT_CHUNK_BYTES))
 
 
 def choose_cache(nbytes: int, memory_limit: int, cache: str = "auto") -> tuple[bool, str]:
