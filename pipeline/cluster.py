@@ -39,8 +39,8 @@ __all__ = [
     "dashboard_link",
     "dask_client",
     "worker_memory_per_thread",
-    "workers_peak_memory",
     "workers_memory_limit",
+    "workers_peak_memory",
 ]
 
 _ALLOWED_SCHEMES = ("tcp", "tls", "ucx", "inproc")
@@ -314,7 +314,7 @@ def workers_peak_memory(client: distributed.Client) -> dict[str, int]:
 def _rss_with_engine_loaded() -> int:
     import psutil
 
-    import pipeline.kernel  # noqa: F401  (numba and the kernel are most of a worker's baseline)
+    import pipeline.kernel  # numba and the kernel are most of a worker's baseline
     import pipeline.parquet_io  # noqa: F401
 
     return int(psutil.Process().memory_info().rss)
