@@ -79,7 +79,7 @@ def _fit(address: str, source: Path, kill_after: int | None) -> tuple[np.ndarray
         def on_iteration(report: IterationReport) -> None:
             if report.iteration == kill_after:
                 pids = client.run(os.getpid)
-                pid = pids[sorted(pids)[0]]
+                pid = pids[min(pids)]
                 os.kill(pid, signal.SIGKILL)  # a worker holding persisted chunks dies
                 killed.append(pid)
 
