@@ -128,7 +128,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _close_progress() -> None:
+    """End the progress output (a progress bar ends its line) before the summary or an error."""
+    progress = logging.getLogger("kmeans_gd.progress")
+    for handler in list(progress.handlers):
+        handler.close()
+        progress.removeHandler(handler)
+
+
 def _print_summary(result: dict[str, Any], seconds: float) -> None:
+    _close_progress()
     sizes = ", ".join(str(round(size)) for size in result["cluster_sizes"])
     print(
         f"done: {result['n_rows']} rows, inertia {result['inertia']:.6g},"
@@ -217,6 +226,43 @@ def _run_demo(args: argparse.Namespace) -> int:
     return _run_fit(fit_args)
 
 
+class _ProgressBar(logging.Handler):
+    """On a terminal: one line redrawn in place, a bar of iterations out of ``--max-iter`` with
+    the latest loss. Other messages (relocations, resume) are printed on lines of their own."""
+
+    def __init__(self, max_iter: int, stream: Any) -> None:
+        super().__init__()
+        self.max_iter, self.stream = max_iter, stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if not message.startswith("iteration "):
+            self.stream.write(f"\r\033[K{message}\n")
+            return
+        fields = message.split()
+        done = int(fields[1])
+        width = 30
+        filled = min(width, round(width * done / max(self.max_iter, 1)))
+        bar = "#" * filled + "." * (width - filled)
+        self.stream.write(f"\r\033[K[{bar}] {done}/{self.max_iter}  " + " ".join(fields[2:]))
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.max_iter is not None:
+            self.stream.write("\n")
+            self.stream.flush()
+        super().close()
+
+
+def _progress_handler(args: argparse.Namespace) -> logging.Handler:
+    """A progress bar on a terminal; plain lines for files, pipes and cron logs."""
+    if sys.stdout.isatty() and hasattr(args, "max_iter"):
+        return _ProgressBar(args.max_iter, sys.stdout)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    return handler
+
+
 _COMMANDS = {"fit": _run_fit, "predict": _run_predict, "generate": _run_generate, "demo": _run_demo}
 
 
@@ -233,8 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = logging.getLogger("kmeans_gd.progress")
     progress.propagate = False
     if not getattr(args, "quiet", False):
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler = _progress_handler(args)
         progress.addHandler(handler)
         progress.setLevel(logging.INFO)
 
@@ -252,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kmeans-gd: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _close_progress()
 
 
 if __name__ == "__main__":
