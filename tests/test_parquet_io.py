@@ -1,0 +1,485 @@
+"""Tests for pipeline.parquet_io: resolving inputs, the chunk plan, features, reading chunks,
+input errors, and the atomic output directory."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import write_parquet, write_split
+
+from pipeline import parquet_io
+from pipeline.parquet_io import (
+    Chunk,
+    InputError,
+    OutputExistsError,
+    atomic_output_dir,
+    labelled_file_name,
+    open_parquet,
+    read_chunk,
+)
+
+
+def _X(n: int = 30, d: int = 2, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, d))
+
+
+# --------------------------------------------------------------------------------------------
+# inputs: a file, a directory, a glob
+# --------------------------------------------------------------------------------------------
+
+
+def test_open_a_single_file(tmp_path: Path) -> None:
+    path = write_parquet(tmp_path / "data.parquet", _X(12, 3))
+    ds = open_parquet(path)
+    assert [Path(f).name for f in ds.files] == ["data.parquet"]
+    assert os.path.samefile(ds.files[0], path)
+    assert ds.file_rows == (12,)
+    assert ds.n_rows == 12
+    assert ds.features == ("x0", "x1", "x2")
+    assert ds.n_features == 3
+    assert ds.passthrough_columns == ()
+
+
+def test_open_a_directory_skips_hidden_and_non_parquet_files(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    write_parquet(root / "part-1.parquet", _X(3))
+    write_parquet(root / "part-0.parq", _X(4))
+    write_parquet(root / "sub" / "part-2.pq", _X(5))
+    write_parquet(root / ".hidden.parquet", _X(6))
+    write_parquet(root / "_tmp" / "part-9.parquet", _X(7))
+    write_parquet(root / ".staging" / "part-8.parquet", _X(8))
+    (root / "_SUCCESS").write_text("")
+    (root / "notes.txt").write_text("not data")
+    ds = open_parquet(root)
+    assert [os.path.relpath(f, root) for f in ds.files] == [
+        "part-0.parq",
+        "part-1.parquet",
+        os.path.join("sub", "part-2.pq"),
+    ]
+    assert ds.file_rows == (4, 3, 5)
+    # a trailing slash names the same directory
+    assert open_parquet(f"{root}/").files == ds.files
+
+
+def test_open_a_glob(tmp_path: Path) -> None:
+    write_split(tmp_path / "in", _X(40), [10, 25, 31])
+    ds = open_parquet(str(tmp_path / "in" / "part-00[12].parquet"))
+    assert [Path(f).name for f in ds.files] == ["part-001.parquet", "part-002.parquet"]
+    assert ds.file_rows == (15, 6)
+    everything = open_parquet(str(tmp_path / "in" / "*.parquet"))
+    assert everything.file_rows == (10, 15, 6, 9)
+
+
+@pytest.mark.xfail(
+    reason="BUG: parquet_io._resolve_files treats any path containing '*', '?' or '[' as a "
+    "glob before checking whether it exists, so an existing file or directory named with "
+    "brackets (e.g. 'run[1]') is reported as 'no files match this pattern'",
+    strict=True,
+)
+@pytest.mark.parametrize("name", ["run[1]/a.parquet", "b[2].parquet"])
+def test_existing_path_with_glob_characters(tmp_path: Path, name: str) -> None:
+    write_parquet(tmp_path / name, _X(3))
+    target = tmp_path / Path(name).parts[0]
+    assert open_parquet(target).file_rows == (3,)
+
+
+# --------------------------------------------------------------------------------------------
+# the chunk plan
+# --------------------------------------------------------------------------------------------
+
+
+def _chunks(ds) -> list[tuple[int, tuple[int, ...], int, int]]:
+    return [(c.file_index, c.row_groups, c.n_rows, c.offset) for c in ds.chunks]
+
+
+def test_chunk_plan_follows_files_and_row_groups(tmp_path: Path) -> None:
+    # two files of 30 and 16 rows in row groups of 7: [7 7 7 7 2] and [7 7 2]
+    write_split(tmp_path / "in", _X(46), [30], row_group_rows=7, with_id=False)
+    row_bytes = 4 * 2  # float32, two features
+    one_group = open_parquet(tmp_path / "in", chunk_bytes=row_bytes * 7)
+    assert _chunks(one_group) == [
+        (0, (0,), 7, 0),
+        (0, (1,), 7, 7),
+        (0, (2,), 7, 14),
+        (0, (3,), 7, 21),
+        (0, (4,), 2, 28),
+        (1, (0,), 7, 30),
+        (1, (1,), 7, 37),
+        (1, (2,), 2, 44),
+    ]
+    two_groups = open_parquet(tmp_path / "in", chunk_bytes=row_bytes * 15)
+    assert _chunks(two_groups) == [
+        (0, (0, 1), 14, 0),
+        (0, (2, 3), 14, 14),
+        (0, (4,), 2, 28),
+        (1, (0, 1), 14, 30),  # a chunk never spans two files
+        (1, (2,), 2, 44),
+    ]
+    # float64 rows are twice as large: the same byte budget holds half the rows
+    wide = open_parquet(tmp_path / "in", chunk_bytes=row_bytes * 15, dtype="float64")
+    assert wide.chunk_sizes() == (7, 7, 7, 7, 2, 7, 7, 2)
+    # a chunk is never smaller than a row group, even with a tiny budget
+    assert open_parquet(tmp_path / "in", chunk_bytes=1).chunk_sizes() == one_group.chunk_sizes()
+    # the default budget takes each file whole
+    assert _chunks(open_parquet(tmp_path / "in")) == [
+        (0, (0, 1, 2, 3, 4), 30, 0),
+        (1, (0, 1, 2), 16, 30),
+    ]
+    for ds in (one_group, two_groups, wide):
+        assert sum(ds.chunk_sizes()) == ds.n_rows == 46
+        assert all(isinstance(c, Chunk) and c.path == ds.files[c.file_index] for c in ds.chunks)
+
+
+def test_chunk_plan_reads_only_footers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_split(tmp_path / "in", _X(50), [13, 20], row_group_rows=4, with_id=False)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("open_parquet read row data")
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", refuse)
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", refuse)
+    monkeypatch.setattr(pq.ParquetFile, "read", refuse)
+    monkeypatch.setattr(pq, "read_table", refuse)
+    ds = open_parquet(tmp_path / "in", chunk_bytes=8 * 8)
+    assert ds.file_rows == (13, 7, 30)
+    assert ds.chunk_sizes() == (8, 5, 7, 8, 8, 8, 6)
+    assert [c.offset for c in ds.chunks] == [0, 8, 13, 20, 28, 36, 44]
+
+
+def test_empty_file_gets_no_chunk(tmp_path: Path) -> None:
+    write_parquet(tmp_path / "in" / "a.parquet", _X(5))
+    write_parquet(tmp_path / "in" / "b.parquet", _X(0))
+    write_parquet(tmp_path / "in" / "c.parquet", _X(4))
+    ds = open_parquet(tmp_path / "in")
+    assert ds.file_rows == (5, 0, 4)
+    assert _chunks(ds) == [(0, (0,), 5, 0), (2, (0,), 4, 5)]
+
+
+def test_fingerprint(tmp_path: Path) -> None:
+    X = _X(10)
+    write_parquet(tmp_path / "a.parquet", X, extra={"w": np.ones(10)})
+    ds = open_parquet(tmp_path / "a.parquet", weight_column="w")
+    fp = ds.fingerprint()
+    assert {k: fp[k] for k in ("files", "file_rows", "features", "weight_column")} == {
+        "files": ["a.parquet"],
+        "file_rows": [10],
+        "features": ["x0", "x1"],
+        "weight_column": "w",
+    }
+    # the same data written again has the same fingerprint; other values of the same shape not
+    write_parquet(tmp_path / "b" / "a.parquet", X, extra={"w": np.ones(10)})
+    assert open_parquet(tmp_path / "b" / "a.parquet", weight_column="w").fingerprint() == fp
+    write_parquet(tmp_path / "c" / "a.parquet", X + 1.0, extra={"w": np.ones(10)})
+    assert open_parquet(tmp_path / "c" / "a.parquet", weight_column="w").fingerprint() != fp
+
+
+# --------------------------------------------------------------------------------------------
+# features
+# --------------------------------------------------------------------------------------------
+
+
+def _mixed_table(n: int = 6) -> pa.Table:
+    rng = np.random.default_rng(1)
+    return pa.table(
+        {
+            "id": pa.array(np.arange(n), pa.int64()),
+            "name": pa.array([f"r{i}" for i in range(n)]),
+            "a": pa.array(rng.normal(size=n).astype(np.float32)),
+            "w": pa.array(rng.uniform(size=n)),
+            "b": pa.array(np.arange(n, dtype=np.int32) * 3),
+            "flag": pa.array([True, False] * (n // 2)),
+            "c": pa.array(rng.normal(size=n)),
+        }
+    )
+
+
+def test_default_features_are_numeric_columns_minus_id_and_weight(tmp_path: Path) -> None:
+    pq.write_table(_mixed_table(), tmp_path / "m.parquet")
+    ds = open_parquet(tmp_path / "m.parquet", id_column="id", weight_column="w")
+    assert ds.features == ("a", "b", "c")
+    assert ds.passthrough_columns == ("id", "name", "w", "flag")
+    assert ds.id_column == "id" and ds.weight_column == "w"
+    # without roles every integer or floating column is a feature, in schema order
+    assert open_parquet(tmp_path / "m.parquet").features == ("id", "a", "w", "b", "c")
+
+
+def test_feature_selection(tmp_path: Path) -> None:
+    pq.write_table(_mixed_table(), tmp_path / "m.parquet")
+    ds = open_parquet(tmp_path / "m.parquet", features=["c", "a"], weight_column="w")
+    assert ds.features == ("c", "a")  # the order asked for
+    assert ds.passthrough_columns == ("id", "name", "w", "b", "flag")
+    X, w = read_chunk(ds, ds.chunks[0], "float64")
+    table = _mixed_table()
+    np.testing.assert_array_equal(X[:, 0], table["c"].to_numpy())
+    np.testing.assert_array_equal(X[:, 1], table["a"].to_numpy().astype(np.float64))
+    np.testing.assert_array_equal(w, table["w"].to_numpy())
+
+
+def test_read_chunk(tmp_path: Path) -> None:
+    pq.write_table(_mixed_table(40), tmp_path / "m.parquet", row_group_size=8)
+    ds = open_parquet(tmp_path / "m.parquet", id_column="id", chunk_bytes=4 * 4 * 16)
+    assert ds.chunk_sizes() == (16, 16, 8)
+    table = _mixed_table(40)
+    chunk = ds.chunks[1]
+    X, w = read_chunk(ds, chunk)
+    assert X.dtype == np.float32 and X.shape == (16, 4)
+    assert w is None
+    expected = np.column_stack([table[c].to_numpy() for c in ("a", "w", "b", "c")])[16:32]
+    np.testing.assert_array_equal(X, expected.astype(np.float32))
+    X64, _, passthrough = read_chunk(ds, chunk, "float64", passthrough=True)
+    np.testing.assert_array_equal(X64, expected)
+    assert passthrough.column_names == ["id", "name", "flag"]
+    assert passthrough.to_pydict() == table.select(["id", "name", "flag"]).slice(16, 16).to_pydict()
+
+
+# --------------------------------------------------------------------------------------------
+# input errors
+# --------------------------------------------------------------------------------------------
+
+
+def _file_with(tmp_path: Path, name: str = "p.parquet", **columns) -> Path:
+    path = tmp_path / name
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("columns", "kwargs", "message"),
+    [
+        (
+            {"s": ["a", "b"], "t": ["c", "d"]},
+            {},
+            "file '{path}' has no numeric feature columns (columns: s, t); name them with --features.",
+        ),
+        (
+            {"id": [1, 2], "s": ["a", "b"]},
+            {"id_column": "id"},
+            "file '{path}' has no numeric feature columns (columns: id, s)",
+        ),
+        (
+            {"x": [1.0, 2.0], "s": ["a", "b"]},
+            {"features": ["x", "zz"]},
+            "feature column 'zz' is not in file '{path}' (columns: x, s).",
+        ),
+        (
+            {"x": [1.0, 2.0], "s": ["a", "b"]},
+            {"features": ["s"]},
+            (
+                "feature column 's' in file '{path}' has type string; features must be integer"
+                " or floating point."
+            ),
+        ),
+        (
+            {"x": [1.0, 2.0], "f": [True, False]},
+            {"features": ["x", "f"]},
+            "feature column 'f' in file '{path}' has type bool",
+        ),
+        (
+            {"x": [1.0, 2.0], "w": [1.0, 1.0]},
+            {"features": ["x", "w"], "weight_column": "w"},
+            "column 'w' cannot be both a feature and the id or weight column.",
+        ),
+        ({"x": [1.0, 2.0]}, {"features": []}, "features is empty"),
+        ({"x": [1.0, 2.0]}, {"features": ["x", "x"]}, "features ['x', 'x'] name a column more"),
+        (
+            {"x": [1.0, 2.0]},
+            {"id_column": "key"},
+            "id_column 'key' is not in file '{path}' (columns: x).",
+        ),
+        ({"x": [1.0, 2.0]}, {"weight_column": "w"}, "weight_column 'w' is not in file '{path}'"),
+        (
+            {"x": [1.0, 2.0], "w": ["a", "b"]},
+            {"weight_column": "w"},
+            "weight_column 'w' in file '{path}' is not numeric.",
+        ),
+        ({"x": pa.array([], pa.float64())}, {}, "input '{path}' has no rows."),
+    ],
+)
+def test_open_parquet_errors(tmp_path: Path, columns, kwargs, message: str) -> None:
+    path = _file_with(tmp_path, **columns)
+    # the message, with the file named by its full path
+    pattern = re.escape(message).replace(re.escape("{path}"), "([^']*)")
+    with pytest.raises(InputError, match=pattern) as info:
+        open_parquet(path, **kwargs)
+    named = re.search(pattern, str(info.value))
+    if "{path}" in message:
+        assert os.path.samefile(named.group(1), path)
+
+
+def test_missing_input(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"input '.*nope\.parquet' does not exist\."):
+        open_parquet(tmp_path / "nope.parquet")
+    with pytest.raises(
+        InputError, match=r"input '.*nope-\*\.parquet': no files match this pattern"
+    ):
+        open_parquet(str(tmp_path / "nope-*.parquet"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("")
+    with pytest.raises(InputError, match=r"input '.*empty' is a directory with no \.parquet files"):
+        open_parquet(tmp_path / "empty")
+
+
+def test_not_a_parquet_file(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    write_parquet(tmp_path / "in" / "a.parquet", _X(3))
+    (tmp_path / "in" / "b.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(InputError, match=r"file '.*b\.parquet' is not a readable Parquet file"):
+        open_parquet(tmp_path / "in")
+
+
+@pytest.mark.parametrize(
+    ("second", "difference"),
+    [
+        (
+            {"x0": pa.array([1.0], pa.float32()), "x1": [1.0]},
+            "column 'x0' is float, expected double",
+        ),
+        ({"x0": [1.0]}, "missing columns ['x1'], extra columns []"),
+        ({"x0": [1.0], "x1": [1.0], "x2": [1.0]}, "missing columns [], extra columns ['x2']"),
+        ({"x1": [1.0], "x0": [1.0]}, "columns in a different order: ['x1', 'x0']"),
+    ],
+)
+def test_schemas_differing_between_files(tmp_path: Path, second, difference: str) -> None:
+    (tmp_path / "in").mkdir()
+    _file_with(tmp_path / "in", "a.parquet", x0=[1.0, 2.0], x1=[3.0, 4.0])
+    _file_with(tmp_path / "in", "b.parquet", **second)
+    pattern = (
+        r"file '.*b\.parquet' has a different schema from '.*a\.parquet': "
+        + re.escape(difference)
+        + r"\.$"
+    )
+    with pytest.raises(InputError, match=pattern):
+        open_parquet(tmp_path / "in")
+
+
+@pytest.mark.parametrize(
+    ("bad", "what"),
+    [
+        (np.nan, "NaN or infinite values"),
+        (np.inf, "NaN or infinite values"),
+        (-np.inf, "NaN or infinite values"),
+        (None, "null values"),
+    ],
+)
+def test_non_finite_feature_is_raised_when_reading(tmp_path: Path, bad, what: str) -> None:
+    (tmp_path / "in").mkdir()
+    _file_with(tmp_path / "in", "a.parquet", x0=[1.0, 2.0], x1=[3.0, 4.0])
+    _file_with(tmp_path / "in", "b.parquet", x0=[1.0, 2.0], x1=pa.array([5.0, bad], pa.float64()))
+    ds = open_parquet(tmp_path / "in")  # planning reads no values: no error yet
+    read_chunk(ds, ds.chunks[0])  # the clean file reads
+    with pytest.raises(InputError, match=rf"feature column 'x1' in file '.*b\.parquet' has {what}"):
+        read_chunk(ds, ds.chunks[1])
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_value_too_large_for_float32(tmp_path: Path) -> None:
+    path = _file_with(tmp_path, x0=[1.0, 2.0], x1=[1e300, 0.0])
+    ds = open_parquet(path)
+    with pytest.raises(
+        InputError, match=r"feature column 'x1' in file '.*p\.parquet' has NaN or inf"
+    ):
+        read_chunk(ds, ds.chunks[0], "float32")
+    X, _ = read_chunk(ds, ds.chunks[0], "float64")
+    assert X[0, 1] == 1e300
+
+
+@pytest.mark.parametrize("bad", [-1.0, np.nan, None])
+def test_bad_weight(tmp_path: Path, bad) -> None:
+    path = _file_with(tmp_path, x0=[1.0, 2.0], w=pa.array([1.0, bad], pa.float64()))
+    ds = open_parquet(path, weight_column="w")
+    assert ds.features == ("x0",)
+    with pytest.raises(
+        InputError,
+        match=r"weight column 'w' in file '.*p\.parquet' has negative, null or NaN weights;"
+        r" weights must be >= 0\.",
+    ):
+        read_chunk(ds, ds.chunks[0])
+
+
+def test_zero_and_integer_weights_are_accepted(tmp_path: Path) -> None:
+    path = _file_with(tmp_path, x0=[1.0, 2.0, 3.0], w=pa.array([0, 2, 5], pa.int16()))
+    ds = open_parquet(path, weight_column="w")
+    _, w = read_chunk(ds, ds.chunks[0])
+    assert w.dtype == np.float64
+    np.testing.assert_array_equal(w, [0.0, 2.0, 5.0])
+
+
+# --------------------------------------------------------------------------------------------
+# output
+# --------------------------------------------------------------------------------------------
+
+
+def _siblings(path: Path) -> list[str]:
+    return sorted(os.listdir(path.parent))
+
+
+def test_atomic_output_dir_success(tmp_path: Path) -> None:
+    out = tmp_path / "deep" / "out"
+    with atomic_output_dir(out) as tmp:
+        assert not out.exists()
+        assert Path(tmp).parent == out.parent
+        (Path(tmp) / "a.txt").write_text("new")
+    assert (out / "a.txt").read_text() == "new"
+    assert _siblings(out) == ["out"]
+
+
+def test_atomic_output_dir_leaves_nothing_on_error(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="boom"), atomic_output_dir(out) as tmp:
+        (Path(tmp) / "partial.txt").write_text("x")
+        raise RuntimeError("boom")
+    assert not out.exists()
+    assert os.listdir(tmp_path) == []
+
+
+def test_atomic_output_dir_refuses_existing_output(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(OutputExistsError) as info, atomic_output_dir(out):
+        pytest.fail("the block must not run")  # pragma: no cover
+    assert isinstance(info.value, InputError) and isinstance(info.value, FileExistsError)
+    assert str(info.value) == f"output '{out}' already exists; pass --overwrite to replace it."
+    assert (out / "old.txt").read_text() == "old"
+    assert os.listdir(tmp_path) == ["out"]
+    # an existing file is refused too
+    (tmp_path / "file").write_text("f")
+    with pytest.raises(OutputExistsError, match="already exists"):
+        parquet_io.check_output_free(tmp_path / "file", overwrite=False)
+
+
+def test_atomic_output_dir_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    # a failing block leaves the existing output as it was
+    with pytest.raises(ValueError, match="nope"), atomic_output_dir(out, overwrite=True) as tmp:
+        (Path(tmp) / "new.txt").write_text("new")
+        raise ValueError("nope")
+    assert os.listdir(out) == ["old.txt"]
+    assert _siblings(out) == ["out"]
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        (Path(tmp) / "new.txt").write_text("new")
+        assert (out / "old.txt").exists()  # replaced only once the block succeeds
+    assert os.listdir(out) == ["new.txt"]
+    assert _siblings(out) == ["out"]
+
+
+@pytest.mark.parametrize(
+    ("path", "name"),
+    [
+        ("/data/a.parquet", "a.parquet"),
+        ("/data/b.parq", "b.parq"),
+        ("s3://bucket/x/c.pq", "c.pq"),
+        ("/data/d.dat", "d.parquet"),
+        ("/data/e", "e.parquet"),
+    ],
+)
+def test_labelled_file_name(path: str, name: str) -> None:
+    assert labelled_file_name(path) == name

@@ -1,0 +1,306 @@
+"""Tests for pipeline.passes: Dask data from arrays and Parquet, the fixed-tree stats pass and
+the labelling pass that writes one Parquet file per input file."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from functools import reduce
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import blobs, write_parquet, write_split
+from dask.delayed import delayed
+
+from pipeline import kernel, parquet_io
+from pipeline.parquet_io import InputError, open_parquet
+from pipeline.passes import (
+    DaskData,
+    data_from_array,
+    data_from_parquet,
+    label_files,
+    stats_pass,
+    tree_reduce,
+)
+
+
+def _centers(X: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return X[rng.choice(len(X), size=k, replace=False)].astype(np.float64)
+
+
+def _assert_same_stats(a: kernel.ChunkStats, b: kernel.ChunkStats, rtol: float = 1e-12) -> None:
+    np.testing.assert_allclose(a.sums, b.sums, rtol=rtol, atol=1e-12)
+    np.testing.assert_allclose(a.counts, b.counts, rtol=rtol)
+    np.testing.assert_allclose(a.loss, b.loss, rtol=rtol)
+    np.testing.assert_array_equal(a.changed, b.changed)
+    np.testing.assert_array_equal(a.far_index, b.far_index)
+    np.testing.assert_array_equal(a.far_rows, b.far_rows)
+    np.testing.assert_allclose(a.far_dist, b.far_dist, rtol=rtol)
+    assert a.n_rows == b.n_rows
+    assert a.sq_total == pytest.approx(b.sq_total, rel=rtol)
+
+
+# --------------------------------------------------------------------------------------------
+# data from arrays and from Parquet
+# --------------------------------------------------------------------------------------------
+
+
+def test_data_from_array() -> None:
+    X = np.arange(12, dtype=np.int32).reshape(6, 2)
+    data = data_from_array(X, sample_weight=[1, 2, 3, 4, 5, 6])
+    assert isinstance(data, DaskData)
+    assert data.X.dtype == np.float64  # integers are fitted as float64
+    assert data.weights.dtype == np.float64
+    assert data.n_rows == 6 and data.n_features == 2
+    np.testing.assert_array_equal(data.X.compute(), X)
+    assert data_from_array(X.astype(np.float32)).X.dtype == np.float32
+    assert data_from_array(X, dtype="float32").X.dtype == np.float32
+    lazy = data_from_array(da.from_array(np.ones((10, 4)), chunks=(3, 2)))
+    assert lazy.X.chunks == ((3, 3, 3, 1), (4,))  # chunked by rows only
+    assert lazy.offsets == (0, 3, 6, 9)
+    with pytest.raises(ValueError, match=r"sample_weight has shape \(5,\); expected \(6,\)\."):
+        data_from_array(X, sample_weight=np.ones(5))
+
+
+def test_data_from_parquet_equals_pyarrow(tmp_path: Path) -> None:
+    X = blobs(n=101, d=3, k=2, seed=1)
+    w = np.random.default_rng(1).uniform(size=len(X))
+    bounds = [0, 40, 41, 101]
+    for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+        write_parquet(
+            tmp_path / "in" / f"p{i}.parquet", X[lo:hi], row_group_rows=9, extra={"w": w[lo:hi]}
+        )
+    ds = open_parquet(tmp_path / "in", weight_column="w", chunk_bytes=8 * 3 * 20)
+    direct = pa.concat_tables([pq.read_table(f) for f in ds.files])
+    expected = np.column_stack([direct[c].to_numpy() for c in ("x0", "x1", "x2")])
+    for dtype in ("float32", "float64"):
+        data = data_from_parquet(ds, dtype)
+        assert data.source is ds
+        assert data.X.dtype == np.dtype(dtype)
+        assert data.X.chunks[0] == ds.chunk_sizes()
+        assert data.offsets == tuple(c.offset for c in ds.chunks)
+        Xd, wd = dask.compute(data.X, data.weights)
+        np.testing.assert_array_equal(Xd, expected.astype(dtype))
+        np.testing.assert_array_equal(wd, direct["w"].to_numpy())
+    np.testing.assert_array_equal(expected, X)
+
+
+def test_data_from_parquet_reads_nothing_until_computed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_split(tmp_path / "in", blobs(n=30, d=2, k=2), [10], row_group_rows=4)
+    ds = open_parquet(tmp_path / "in", chunk_bytes=1)
+    reads: list[tuple[str, tuple[int, ...]]] = []
+    real = parquet_io._read_table
+
+    def counting(dataset, chunk, columns):
+        reads.append((os.path.basename(chunk.path), chunk.row_groups))
+        return real(dataset, chunk, columns)
+
+    monkeypatch.setattr(parquet_io, "_read_table", counting)
+    with dask.config.set(scheduler="sync"):
+        data = data_from_parquet(ds)
+        assert reads == []
+        data.X[:3].compute()  # only the first chunk is needed
+        assert reads == [("part-000.parquet", (0,))]
+
+
+def test_non_finite_feature_raises_through_dask(tmp_path: Path, dask_client) -> None:
+    X = blobs(n=20, d=2, k=2)
+    X[15, 1] = np.nan
+    write_split(tmp_path / "in", X, [10], with_id=False)
+    data = data_from_parquet(open_parquet(tmp_path / "in"))
+    with pytest.raises(
+        InputError, match=r"feature column 'x1' in file '.*part-001\.parquet' has NaN"
+    ):
+        stats_pass(data, np.zeros((1, 2, 2)))
+
+
+# --------------------------------------------------------------------------------------------
+# the stats pass
+# --------------------------------------------------------------------------------------------
+
+
+def test_tree_reduce_is_a_fixed_ordered_tree() -> None:
+    parts = [delayed(c) for c in "abcdefghijklmnopqrstu"]
+    concat = str.__add__  # not commutative: any reordering shows
+    for split_every in (2, 3, 8, 100):
+        (result,) = dask.compute(tree_reduce(parts, concat, split_every=split_every))
+        assert result == "abcdefghijklmnopqrstu"
+    nested = tree_reduce(parts[:5], lambda a, b: f"({a}{b})", split_every=2)
+    # level 1: (ab) (cd) e; level 2: ((ab)(cd)) e; level 3: the root
+    assert nested.compute(scheduler="sync") == "(((ab)(cd))e)"
+    with pytest.raises(ValueError, match="nothing to reduce"):
+        tree_reduce([], concat)
+
+
+def test_stats_pass_matches_kernel_on_numpy(dask_client) -> None:
+    X = blobs(n=2500, d=3, k=4, seed=2)
+    w = np.random.default_rng(2).uniform(0.0, 2.0, size=len(X))
+    centers = np.stack([_centers(X, 4, s) for s in range(2)])
+    previous = centers + 0.3
+    data = data_from_array(da.from_array(X, chunks=(301, 3)), sample_weight=w)
+    got = stats_pass(data, centers, previous=previous, n_far=5)
+    expected = kernel.chunk_stats(X, centers, weights=w, previous=previous, n_far=5)
+    _assert_same_stats(got, expected)
+    persisted = stats_pass(data.persist(), centers, previous=previous, n_far=5)
+    _assert_same_stats(persisted, expected)
+
+
+def test_stats_pass_one_file_vs_many_files(tmp_path: Path, dask_client) -> None:
+    X = blobs(n=1000, d=3, k=4, seed=3, spread=1.5)
+    w = np.random.default_rng(3).integers(0, 4, size=len(X)).astype(np.float64)
+    write_parquet(tmp_path / "one" / "all.parquet", X, extra={"w": w})
+    bounds = [0, 1, 137, 138, 500, 999, 1000]
+    for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+        write_parquet(
+            tmp_path / "many" / f"part-{i}.parquet",
+            X[lo:hi],
+            row_group_rows=[3, 7, 11, 13, 17, 19][i],
+            extra={"w": w[lo:hi]},
+        )
+    one = open_parquet(tmp_path / "one", weight_column="w", dtype="float64")
+    many = open_parquet(tmp_path / "many", weight_column="w", dtype="float64", chunk_bytes=24 * 40)
+    assert len(one.chunks) == 1 and len(many.chunks) > 20
+    centers = np.stack([_centers(X, 4, 0), _centers(X, 4, 1)])
+    previous = centers + 0.5
+    a = stats_pass(data_from_parquet(one, "float64"), centers, previous=previous, n_far=6)
+    b = stats_pass(data_from_parquet(many, "float64"), centers, previous=previous, n_far=6)
+    _assert_same_stats(a, b)
+    reference = kernel.chunk_stats(X, centers, weights=w, previous=previous, n_far=6)
+    _assert_same_stats(b, reference)
+    assert b.n_rows == 1000
+    assert b.counts.sum(axis=1) == pytest.approx([w.sum(), w.sum()], rel=1e-12)
+    # float32 rows: the sums are exact in float64 either way; the squared distances come from
+    # float32 products whose rounding may depend on the block shape (see test_kernel)
+    c = stats_pass(data_from_parquet(one), centers, n_far=6)
+    d = stats_pass(data_from_parquet(many), centers, n_far=6)
+    np.testing.assert_allclose(c.sums, d.sums, rtol=1e-12)
+    np.testing.assert_array_equal(c.counts, d.counts)
+    np.testing.assert_allclose(c.loss, d.loss, rtol=1e-7)
+    np.testing.assert_array_equal(c.far_index, d.far_index)
+
+
+def test_stats_pass_is_repeatable(tmp_path: Path, dask_client) -> None:
+    X = blobs(n=3000, d=2, k=3, seed=4)
+    data = data_from_array(da.from_array(X, chunks=(97, 2))).persist()
+    centers = _centers(X, 3)[None]
+    first = stats_pass(data, centers)
+    for _ in range(3):
+        again = stats_pass(data, centers)
+        # a fixed reduction tree: bit-identical, whichever task finishes first
+        np.testing.assert_array_equal(again.sums, first.sums)
+        np.testing.assert_array_equal(again.loss, first.loss)
+
+
+# --------------------------------------------------------------------------------------------
+# labelling
+# --------------------------------------------------------------------------------------------
+
+
+def test_label_files(tmp_path: Path, dask_client) -> None:
+    X = blobs(n=300, d=2, k=3, seed=5)
+    w = np.random.default_rng(5).uniform(0.5, 2.0, size=len(X))
+    names = np.array([f"row-{i}" for i in range(len(X))])
+    bounds = [0, 120, 120, 121, 300]  # the second file is empty
+    for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+        write_parquet(
+            tmp_path / "in" / f"part-{i}.parquet",
+            X[lo:hi],
+            row_group_rows=16,
+            extra={"id": np.arange(lo, hi), "name": names[lo:hi], "w": w[lo:hi]},
+        )
+    ds = open_parquet(tmp_path / "in", id_column="id", weight_column="w", chunk_bytes=8 * 30)
+    centers = _centers(X, 3)
+    out = tmp_path / "out"
+    stats = label_files(ds, centers, str(out))
+    assert sorted(os.listdir(out)) == [f"part-{i}.parquet" for i in range(4)]
+    X32 = X.astype(np.float32)  # the default dtype of the pass
+    labels, dist = kernel.assign_labels(X32, centers)
+    for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+        table = pq.read_table(out / f"part-{i}.parquet")
+        assert table.schema.names == ["id", "name", "w", "cluster", "distance"]
+        assert table.schema.field("cluster").type == pa.int32()
+        assert table.schema.field("distance").type == pa.float64()
+        assert table.schema.field("id").type == pa.int64()
+        assert table.num_rows == hi - lo
+        np.testing.assert_array_equal(table["id"].to_numpy(), np.arange(lo, hi))
+        assert table["name"].to_pylist() == names[lo:hi].tolist()
+        np.testing.assert_array_equal(table["w"].to_numpy(), w[lo:hi])
+        np.testing.assert_array_equal(table["cluster"].to_numpy(), labels[lo:hi])
+        np.testing.assert_array_equal(table["distance"].to_numpy(), dist[lo:hi])
+    # the returned statistics are the weighted sizes and inertia of ``centers``
+    np.testing.assert_allclose(stats.counts[0], np.bincount(labels, weights=w, minlength=3))
+    assert stats.loss[0] == pytest.approx(float(w @ dist), rel=1e-12)
+    assert stats.n_rows == len(X)
+
+
+def test_label_files_float64(tmp_path: Path) -> None:
+    X = blobs(n=50, d=2, k=2, seed=6)
+    write_parquet(tmp_path / "in.parquet", X)
+    ds = open_parquet(tmp_path / "in.parquet")
+    centers = _centers(X, 2)
+    label_files(ds, centers, str(tmp_path / "out"), dtype="float64")
+    table = pq.read_table(tmp_path / "out" / "in.parquet")
+    assert table.schema.names == ["cluster", "distance"]
+    labels, dist = kernel.assign_labels(X, centers)
+    np.testing.assert_array_equal(table["cluster"].to_numpy(), labels)
+    np.testing.assert_array_equal(table["distance"].to_numpy(), dist)
+
+
+@pytest.mark.xfail(
+    reason="BUG: labelled_file_name keeps only the base name, so inputs in different "
+    "subdirectories with the same name (found by open_parquet's recursive directory search) "
+    "are written to the same output file and rows are silently lost",
+    strict=True,
+)
+def test_label_files_same_name_in_two_subdirectories(tmp_path: Path) -> None:
+    X = np.arange(20.0).reshape(10, 2)
+    write_parquet(tmp_path / "in" / "2024" / "data.parquet", X[:4])
+    write_parquet(tmp_path / "in" / "2025" / "data.parquet", X[4:])
+    ds = open_parquet(tmp_path / "in")
+    assert len(ds.files) == 2
+    label_files(ds, np.array([[0.0, 0.0], [10.0, 10.0]]), str(tmp_path / "out"))
+    total = sum(
+        pq.read_metadata(os.path.join(root, f)).num_rows
+        for root, _, files in os.walk(tmp_path / "out")
+        for f in files
+    )
+    assert total == 10
+
+
+@pytest.mark.xfail(
+    reason="BUG: a passthrough column named 'cluster' or 'distance' (e.g. re-labelling a "
+    "labelled output with --features) is neither refused nor renamed: LabelledFileWriter "
+    "writes a schema with duplicate column names that pyarrow cannot read back",
+    strict=True,
+)
+def test_label_files_input_with_a_cluster_column(tmp_path: Path) -> None:
+    X = np.arange(20.0).reshape(10, 2)
+    extra = {"cluster": np.zeros(10, np.int32), "distance": np.zeros(10)}
+    write_parquet(tmp_path / "labelled.parquet", X, extra=extra)
+    ds = open_parquet(tmp_path / "labelled.parquet", features=["x0", "x1"])
+    try:
+        label_files(ds, np.array([[0.0, 0.0], [10.0, 10.0]]), str(tmp_path / "out"))
+    except InputError:
+        return  # refusing with a clear message is fine
+    table = pq.read_table(tmp_path / "out" / "labelled.parquet")
+    assert len(set(table.schema.names)) == len(table.schema.names)
+
+
+def test_reduce_helpers_agree_with_functools_reduce(dask_client) -> None:
+    X = blobs(n=400, d=2, k=3, seed=7)
+    centers = _centers(X, 3)[None]
+    cuts = [0, 50, 51, 200, 333, 400]
+    parts = [
+        kernel.chunk_stats(X[lo:hi], centers, offset=lo, n_far=3)
+        for lo, hi in itertools.pairwise(cuts)
+    ]
+    (tree,) = dask.compute(tree_reduce([delayed(p) for p in parts], kernel.combine_stats, 2))
+    _assert_same_stats(tree, reduce(kernel.combine_stats, parts))
