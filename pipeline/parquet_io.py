@@ -319,7 +319,16 @@ def _schema_difference(expected: pa.Schema, got: pa.Schema) -> str:
     return f"columns in a different order: {got.names}"
 
 
+def _use_system_allocator() -> None:
+    """Arrow's default allocator (mimalloc) keeps freed pages, so a worker that streams chunks
+    keeps growing until Dask pauses it for good; the system allocator returns them (Dask sets
+    MALLOC_TRIM_THRESHOLD_ for its workers)."""
+    if pa.default_memory_pool().backend_name != "system":
+        pa.set_memory_pool(pa.system_memory_pool())
+
+
 def _read_table(dataset: ParquetDataset, chunk: Chunk, columns: Sequence[str]) -> pa.Table:
+    _use_system_allocator()
     # pre_buffer=False: coalescing the reads would hold the chunk's compressed pages all at once
     with dataset.fs.open(chunk.path, "rb") as handle:
         parquet = pq.ParquetFile(handle, pre_buffer=False)
