@@ -13,7 +13,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
+
+from flows.serve import add_arguments as add_serve_arguments
 
 __all__ = ["main"]
 
@@ -73,8 +75,15 @@ def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--memory-limit", metavar="SIZE", help="embedded cluster: memory limit per worker, e.g. 512MB")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in the same one-line form as every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"kmeans-gd: error: {message}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kmeans-gd",
         description="K-means fitted by gradient descent on Dask: Parquet in, labelled Parquet out.",
     )
@@ -125,6 +134,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--rows", type=int, default=200_000)
     demo.add_argument("--quiet", action="store_true", help="no per-iteration lines")
     _add_cluster_options(demo)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve kmeans-fit/served and kmeans-predict/served from this process (no work pool)",
+    )
+    add_serve_arguments(serve)
     return parser
 
 
@@ -263,7 +278,16 @@ def _progress_handler(args: argparse.Namespace) -> logging.Handler:
     return handler
 
 
-_COMMANDS = {"fit": _run_fit, "predict": _run_predict, "generate": _run_generate, "demo": _run_demo}
+def _run_serve(args: argparse.Namespace) -> int:
+    from flows.serve import run_from_args
+
+    return run_from_args(args)  # a ServeError is a ValueError: one line, exit code 2
+
+
+_COMMANDS = {
+    "fit": _run_fit, "predict": _run_predict, "generate": _run_generate, "demo": _run_demo,
+    "serve": _run_serve,
+}  # fmt: skip
 
 
 def _quiet_libraries() -> None:
@@ -274,7 +298,8 @@ def _quiet_libraries() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kmeans-gd`` console script."""
     args = _parser().parse_args(argv)
-    _prepare_prefect_environment()
+    if args.command != "serve":  # serving keeps Prefect's console logs of the runs it executes
+        _prepare_prefect_environment()
     _quiet_libraries()
     progress = logging.getLogger("kmeans_gd.progress")
     progress.propagate = False

@@ -80,27 +80,49 @@ def _iteration_line(report: IterationReport) -> str:
 
 @flow(name="kmeans-fit", validate_parameters=True)
 def kmeans_fit(
-    input: Annotated[str, Field(min_length=1, description="Parquet file, directory or glob (local path or fsspec URI).")],
-    output: Annotated[str, Field(min_length=1, description="Output directory: model.json and labels/.")],
-    k: Annotated[int, Field(ge=1, description="Number of clusters.")],
-    features: Annotated[list[str] | None, Field(description="Feature columns (default: every numeric column but the id and weight columns).")] = None,
-    id_column: Annotated[str | None, Field(description="Id column, never a feature; copied to the labels.")] = None,
-    weight_column: Annotated[str | None, Field(description="Sample weight column (>= 0).")] = None,
-    init: Annotated[Literal["k-means++", "random"], Field(description="Initialisation.")] = "k-means++",
-    n_init: Annotated[int, Field(ge=1, le=100, description="Restarts, all evaluated in the same pass over the data.")] = 1,
-    max_iter: Annotated[int, Field(ge=1, le=100_000, description="Most iterations (passes over the data).")] = 100,
-    tol: Annotated[float, Field(ge=0, description="Stop when the relative loss decrease falls below this.")] = 1e-4,
-    seed: Annotated[int, Field(ge=0, le=2**32 - 1, description="Seed of every random choice.")] = 0,
-    step: Annotated[Literal["newton", "damped", "fixed"], Field(description="Step rule: newton = Lloyd's update.")] = "newton",
-    learning_rate: Annotated[float | None, Field(gt=0, description="Step of the 'fixed' rule (default 0.1).")] = None,
-    alpha: Annotated[float | None, Field(gt=0, le=1, description="Fraction of the Newton step for 'damped' (default 0.5).")] = None,
-    dtype: Annotated[Literal["float32", "float64"], Field(description="Precision of the features in memory; statistics are float64.")] = "float32",
-    cache: Annotated[Literal["auto", "memory", "none"], Field(description="Hold the data in worker memory, stream it from Parquet every iteration, or choose by size.")] = "auto",
-    cluster: Annotated[ClusterChoice, Field(description="Dask cluster to compute on.")] = LocalDask(),
-    overwrite: Annotated[bool, Field(description="Replace an existing output.")] = False,
-    resume: Annotated[bool, Field(description="Resume from the checkpoint of an interrupted run with the same data and parameters.")] = True,
+    input: Annotated[str, Field(min_length=1)],
+    output: Annotated[str, Field(min_length=1)],
+    k: Annotated[int, Field(ge=1)],
+    features: list[str] | None = None,
+    id_column: str | None = None,
+    weight_column: str | None = None,
+    init: Literal["k-means++", "random"] = "k-means++",
+    n_init: Annotated[int, Field(ge=1, le=100)] = 1,
+    max_iter: Annotated[int, Field(ge=1, le=100_000)] = 100,
+    tol: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1e-4,
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0,
+    step: Literal["newton", "damped", "fixed"] = "newton",
+    learning_rate: Annotated[float | None, Field(gt=0)] = None,
+    alpha: Annotated[float | None, Field(gt=0, le=1)] = None,
+    dtype: Literal["float32", "float64"] = "float32",
+    cache: Literal["auto", "memory", "none"] = "auto",
+    cluster: ClusterChoice = LocalDask(),
+    overwrite: bool = False,
+    resume: bool = True,
 ) -> dict[str, Any]:
-    """Fit k-means by gradient descent to Parquet data and write labelled Parquet."""
+    """Fit k-means by gradient descent to Parquet data and write labelled Parquet.
+
+    Args:
+        input: Parquet file, directory or glob (local path or fsspec URI).
+        output: Output directory: model.json and labels/.
+        k: Number of clusters.
+        features: Feature columns (default: every numeric column but the id and weight columns).
+        id_column: Id column, never a feature; copied to the labels.
+        weight_column: Sample weight column (>= 0).
+        init: Initialisation.
+        n_init: Restarts, all evaluated in the same pass over the data.
+        max_iter: Most iterations (passes over the data).
+        tol: Stop when the relative loss decrease falls below this.
+        seed: Seed of every random choice.
+        step: Step rule: newton = Lloyd's update.
+        learning_rate: Step of the 'fixed' rule (default 0.1).
+        alpha: Fraction of the Newton step for 'damped' (default 0.5).
+        dtype: Precision of the features in memory; statistics are float64.
+        cache: Hold the data in worker memory, stream it from Parquet every iteration, or choose by size.
+        cluster: Dask cluster to compute on.
+        overwrite: Replace an existing output.
+        resume: Resume from the checkpoint of an interrupted run with the same data and parameters.
+    """
     logger = get_run_logger()
     started = time.perf_counter()
     parameters = {

@@ -1,6 +1,7 @@
 """Typed flow parameters shared by the flows, the deployments and the CLI.
 
-Each parameter is a flat ``Annotated`` type with a description and bounds, so the Prefect UI
+Each parameter is a flat type with bounds (``Annotated``) and a description (the flow's
+docstring, ``Args:``), so the Prefect UI
 renders a form that explains every field and refuses bad values before any work starts; the CLI
 validates through the same flow signature, so both give the same message. The Dask cluster is
 the one structured parameter: a discriminated union, which the UI renders as a choice.

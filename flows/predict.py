@@ -30,13 +30,21 @@ def check_predict_inputs(
 
 @flow(name="kmeans-predict", validate_parameters=True)
 def kmeans_predict(
-    model: Annotated[str, Field(min_length=1, description="model.json of a kmeans-fit run (or its output directory).")],
-    input: Annotated[str, Field(min_length=1, description="Parquet file, directory or glob to label.")],
-    output: Annotated[str, Field(min_length=1, description="Output directory: one labelled file per input file.")],
-    cluster: Annotated[ClusterChoice, Field(description="Dask cluster to compute on.")] = LocalDask(),
-    overwrite: Annotated[bool, Field(description="Replace an existing output.")] = False,
+    model: Annotated[str, Field(min_length=1)],
+    input: Annotated[str, Field(min_length=1)],
+    output: Annotated[str, Field(min_length=1)],
+    cluster: ClusterChoice = LocalDask(),
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Label Parquet rows with the nearest mean of a saved model."""
+    """Label Parquet rows with the nearest mean of a saved model.
+
+    Args:
+        model: model.json of a kmeans-fit run (or its output directory).
+        input: Parquet file, directory or glob to label.
+        output: Output directory: one labelled file per input file.
+        cluster: Dask cluster to compute on.
+        overwrite: Replace an existing output.
+    """
     logger = get_run_logger()
     saved, dataset = check_predict_inputs(model, input, output, overwrite=overwrite)
     logger.info(

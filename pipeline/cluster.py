@@ -352,7 +352,9 @@ def _local_client(spec: LocalClusterSpec) -> Iterator[distributed.Client]:
         # ":0" so that two pipelines (or a test run next to a notebook) on the
         # same machine do not fight over the default port 8787.
         "dashboard_address": ":0",
-        "silence_logs": logging.WARNING,
+        # task failures reach the caller as exceptions; the workers' own copies of them would
+        # be printed again on the caller's stderr
+        "silence_logs": logging.CRITICAL,
     }
     if spec.memory_limit is not None:
         cluster_kwargs["memory_limit"] = spec.memory_limit

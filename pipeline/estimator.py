@@ -212,27 +212,29 @@ class KMeans:
         self.n_features_in_ = n_features
         self.random_state_ = seed
 
-    def _check_fitted(self, X: Any) -> None:
+    def _checked_input(self, X: Any) -> Any:
+        """X as a float Dask or NumPy array of the fitted width."""
         if not hasattr(self, "cluster_centers_"):
             raise RuntimeError("This KMeans instance is not fitted yet; call fit first.")
+        if not isinstance(X, da.Array):
+            X = np.asarray(X)
         if X.ndim != 2 or X.shape[1] != self.n_features_in_:
             raise ValueError(
                 f"X has shape {X.shape}; expected (n_samples, {self.n_features_in_})."
             )
+        if X.dtype not in (np.float32, np.float64):
+            X = X.astype(np.float64)
+        return X
 
     def predict(self, X: Any) -> Any:
         """Index of the nearest mean for each row (a Dask array for Dask input)."""
-        self._check_fitted(X)
+        X = self._checked_input(X)
         centers = self.cluster_centers_
         if isinstance(X, da.Array):
-            X = X.rechunk({1: -1})
-            return X.map_blocks(
+            return X.rechunk({1: -1}).map_blocks(
                 lambda block: kernel.assign_labels(block, centers)[0],
                 drop_axis=1, dtype=np.int32,
             )  # fmt: skip
-        X = np.asarray(X)
-        if X.dtype not in (np.float32, np.float64):
-            X = X.astype(np.float64)
         return kernel.assign_labels(X, centers)[0]
 
     def fit_predict(self, X: Any, y: Any = None, sample_weight: Any = None) -> Any:
@@ -240,7 +242,6 @@ class KMeans:
 
     def score(self, X: Any, y: Any = None, sample_weight: Any = None) -> float:
         """Opposite of the (weighted) inertia of X under the fitted means."""
-        self._check_fitted(X)
-        data = data_from_array(X, sample_weight)
+        data = data_from_array(self._checked_input(X), sample_weight)
         stats = stats_pass(data, self.cluster_centers_[None])
         return -float(stats.loss[0])

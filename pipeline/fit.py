@@ -112,10 +112,17 @@ def _mean_feature_variance(stats: ChunkStats) -> float:
 
 
 def _stop_reason(
-    state: FitState, r: int, loss: float, changed: int, tol: float, variance: float, max_iter: int
+    state: FitState,
+    r: int,
+    loss: float,
+    changed: int,
+    tol: float,
+    variance: float,
+    max_iter: int,
+    lands_on_lloyd: bool,
 ) -> str | None:
     previous = state.last_loss[r]
-    if changed == 0:
+    if changed == 0 and lands_on_lloyd:  # a partial step still has a way to go
         return "no-label-changed"
     if math.isfinite(previous) and previous > 0 and (previous - loss) / previous < tol:
         return "loss-tol"
@@ -182,7 +189,7 @@ def fit_means(
             state.history[r].append(record)
             records[int(r)] = record
             reason = _stop_reason(
-                state, r, loss, int(stats.changed[i]), tol, variance, max_iter
+                state, r, loss, int(stats.changed[i]), tol, variance, max_iter, step.lands_on_lloyd
             )
             if reason is not None:
                 state.active[r] = False

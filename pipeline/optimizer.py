@@ -47,9 +47,16 @@ class StepResult:
 
 
 class StepRule(Protocol):
-    """Maps the current means (n_init, k, d) and their statistics to new means."""
+    """Maps the current means (n_init, k, d) and their statistics to new means.
+
+    ``lands_on_lloyd`` says whether a step goes all the way to ``S_j / n_j``: only then are
+    unchanged labels a fixed point (the next step would not move the means).
+    """
 
     name: str
+
+    @property
+    def lands_on_lloyd(self) -> bool: ...
 
     def step(self, centers: np.ndarray, stats: ChunkStats) -> StepResult: ...
 
@@ -67,6 +74,7 @@ class NewtonStep:
     ``mu_j = S_j / n_j`` (computed in that form, so it is exactly Lloyd's)."""
 
     name: str = "newton"
+    lands_on_lloyd: bool = True
 
     def step(self, centers: np.ndarray, stats: ChunkStats) -> StepResult:
         return StepResult(_lloyd_targets(centers, stats))
@@ -82,6 +90,10 @@ class DampedNewtonStep:
     def __post_init__(self) -> None:
         if not 0.0 < self.alpha <= 1.0:
             raise ValueError(f"alpha={self.alpha} should be in (0, 1].")
+
+    @property
+    def lands_on_lloyd(self) -> bool:
+        return self.alpha == 1.0
 
     def step(self, centers: np.ndarray, stats: ChunkStats) -> StepResult:
         target = _lloyd_targets(centers, stats)
@@ -100,6 +112,7 @@ class FixedStep:
 
     learning_rate: float = 0.1
     name: str = "fixed"
+    lands_on_lloyd: bool = False
 
     def __post_init__(self) -> None:
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):

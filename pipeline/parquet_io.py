@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import posixpath
 import shutil
 import uuid
 from collections.abc import Iterator, Sequence
@@ -40,6 +41,10 @@ __all__ = [
 #: per-task overhead is a few percent of an iteration, small enough that a worker holding one
 #: chunk per thread stays far inside a 512 MB memory limit.
 DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+
+#: Columns every labelled output ends with.
+OUTPUT_COLUMNS = ("cluster", "distance")
 
 
 class InputError(ValueError):
@@ -90,8 +95,14 @@ class ParquetDataset:
 
     @property
     def passthrough_columns(self) -> tuple[str, ...]:
-        """Input columns copied to the labelled output: every column that is not a feature."""
-        return tuple(name for name in self.schema.names if name not in self.features)
+        """Input columns copied to the labelled output: every column that is not a feature,
+        except ``cluster`` and ``distance``, which the output writes anew (relabelling a
+        labelled file replaces its labels)."""
+        return tuple(
+            name
+            for name in self.schema.names
+            if name not in self.features and name not in OUTPUT_COLUMNS
+        )
 
     def rechunked(self, chunk_bytes: int, dtype: str | np.dtype[Any] = "float32") -> ParquetDataset:
         """The same data planned with another target chunk size (no I/O: the footers' row
@@ -142,7 +153,7 @@ def _resolve_files(source: str | os.PathLike[str]) -> tuple[Any, list[str]]:
     """Expand a file, a directory or a glob into a sorted list of Parquet files."""
     text = os.fspath(source)
     fs, path = fsspec.core.url_to_fs(text)
-    if any(ch in path for ch in "*?["):
+    if any(ch in path for ch in "*?[") and not fs.exists(path):  # "run[1]/" may be a real name
         files = sorted(p for p in fs.glob(path) if fs.isfile(p))
         if not files:
             raise InputError(f"input '{text}': no files match this pattern.")
@@ -160,6 +171,11 @@ def _resolve_files(source: str | os.PathLike[str]) -> tuple[Any, list[str]]:
             raise InputError(f"input '{text}' is a directory with no .parquet files in it.")
         return fs, files
     return fs, [path]
+
+
+def _common_root(files: Sequence[str]) -> str:
+    """The deepest directory holding every input file."""
+    return posixpath.commonpath([posixpath.dirname(p) for p in files])
 
 
 def _read_footer(fs: Any, path: str) -> pq.FileMetaData:
@@ -441,11 +457,13 @@ def check_output_free(output: str | os.PathLike[str], *, overwrite: bool) -> Non
         )
 
 
-def labelled_file_name(path: str) -> str:
-    """The output file name for an input file: its own base name, as a .parquet file."""
-    base = os.path.basename(path)
-    stem, ext = os.path.splitext(base)
-    return base if ext in (".parquet", ".parq", ".pq") else f"{stem}.parquet"
+def labelled_file_name(path: str, root: str | None = None) -> str:
+    """The output file name for an input file: its path below ``root`` (its base name when no
+    root is given), as a .parquet file. Keeping the subdirectories keeps apart the files of a
+    partitioned dataset, such as ``date=2024-01-01/part-0.parquet``."""
+    name = posixpath.relpath(path, root) if root else posixpath.basename(path)
+    stem, ext = posixpath.splitext(name)
+    return name if ext in (".parquet", ".parq", ".pq") else f"{stem}.parquet"
 
 
 class LabelledFileWriter:
@@ -461,7 +479,9 @@ class LabelledFileWriter:
             [dataset.schema.field(n) for n in columns]
             + [pa.field("cluster", pa.int32()), pa.field("distance", pa.float64())]
         )
-        self.path = os.path.join(out_dir, labelled_file_name(dataset.files[file_index]))
+        name = labelled_file_name(dataset.files[file_index], _common_root(dataset.files))
+        self.path = os.path.join(out_dir, *name.split("/"))
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self._writer: pq.ParquetWriter | None = None
         self._rows = 0
 

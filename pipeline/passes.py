@@ -99,9 +99,10 @@ def data_from_array(X: Any, sample_weight: Any = None, dtype: Any = None) -> Das
         arr = X
     else:
         arr = np.asarray(X)
-        arr = da.from_array(arr, chunks=(_default_rows(arr), -1))
     if arr.ndim != 2:
         raise ValueError(f"X should be 2-dimensional, got shape {arr.shape}.")
+    if not isinstance(arr, da.Array):
+        arr = da.from_array(arr, chunks=(_default_rows(arr), -1))
     if dtype is not None:
         arr = arr.astype(dtype)
     elif arr.dtype not in (np.float32, np.float64):

@@ -365,15 +365,6 @@ def case_predict_feature_absent(ctx: Ctx) -> list[Any]:
     return ["predict", model, _two_files(ctx), ctx.out]
 
 
-_ARGPARSE_BUG = (
-    "BUG: flows/cli.py _parser(): argparse's own errors (a value its type= cannot convert) print"
-    " the usage and 'kmeans-gd fit: error: ...' instead of one 'kmeans-gd: error:' line"
-)
-_WORKER_LOG_BUG = (
-    "BUG: pipeline/cluster.py _local_client(): silence_logs=logging.WARNING lets the embedded"
-    " workers log 'Compute Failed' (ERROR, with a Traceback) to the CLI's stderr"
-)
-
 BAD_INPUTS: list[Any] = [
     pytest.param(case_missing_input, ["no-such-data"], id="missing-input"),
     pytest.param(case_no_parquet_files, ["csvs"], id="no-parquet-files"),
@@ -384,7 +375,6 @@ BAD_INPUTS: list[Any] = [
         case_nan_in_feature,
         ["'x1'", "part-1.parquet"],
         id="nan-in-feature",
-        marks=pytest.mark.xfail(strict=True, reason=_WORKER_LOG_BUG),
     ),
     pytest.param(case_inf_in_feature, ["'x0'", "part-0.parquet"], id="inf-in-feature"),
     pytest.param(case_schema_type_differs, ["part-1.parquet", "x1"], id="schema-type-differs"),
@@ -400,7 +390,6 @@ BAD_INPUTS: list[Any] = [
         case_non_number_tol,
         ["tol"],
         id="non-number-tol",
-        marks=pytest.mark.xfail(strict=True, reason=_ARGPARSE_BUG),
     ),
     pytest.param(case_bad_scheduler_scheme, ["scheduler"], id="bad-scheduler-scheme"),
     pytest.param(

@@ -296,12 +296,6 @@ def test_stop_no_label_changed_on_separated_data() -> None:
     assert km.history_[-1]["changed_labels"] == 0
 
 
-@pytest.mark.xfail(
-    reason="BUG: fit._stop_reason stops on 'no-label-changed' for every step rule, but only "
-    "Lloyd's (newton) step is at its fixed point when the labels repeat; damped and fixed steps "
-    "still have a gap of (1 - alpha) to close and stop far from converged",
-    strict=True,
-)
 @pytest.mark.parametrize(
     ("step", "param"), [("damped", {"alpha": 0.5}), ("fixed", {"learning_rate": 0.75})]
 )
@@ -360,22 +354,12 @@ def test_predict_numpy_and_dask() -> None:
     )
 
 
-@pytest.mark.xfail(
-    reason="BUG: KMeans.predict calls _check_fitted(X) (X.ndim) before np.asarray, so a list "
-    "raises AttributeError; fit accepts lists, so fit_predict(list) fails after fitting",
-    strict=True,
-)
 def test_predict_accepts_lists() -> None:
     X = np.array([[0.0, 0.0], [0.0, 1.0], [10.0, 0.0], [10.0, 1.0]])
     km = KMeans(n_clusters=2, init=np.array([[0.0, 0.0], [10.0, 0.0]]))
     np.testing.assert_array_equal(km.fit_predict(X.tolist()), [0, 0, 1, 1])
 
 
-@pytest.mark.xfail(
-    reason="BUG: KMeans.predict on an integer Dask array passes integer blocks to "
-    "assign_labels, which casts the means to the rows' integer dtype (truncating them)",
-    strict=True,
-)
 def test_predict_integer_dask_array_like_numpy() -> None:
     X = np.array([[0], [1], [2], [3], [4], [5]], dtype=np.int64)
     km = KMeans(n_clusters=2, init=np.array([[0.0], [5.0]])).fit(X)
@@ -471,12 +455,6 @@ def test_dask_input_of_wrong_ndim_is_refused() -> None:
         KMeans(n_clusters=2).fit(da.zeros((4, 2, 2), chunks=2))
 
 
-@pytest.mark.xfail(
-    reason="BUG: passes.data_from_array wraps a NumPy X with da.from_array(chunks=(rows, -1)) "
-    "before its ndim check, so 1-D or 3-D input fails inside Dask ('Chunks do not add up to "
-    "shape' / 'Chunks and shape must be of the same length') instead of naming the shape",
-    strict=True,
-)
 @pytest.mark.parametrize("shape", [(5,), (4, 2, 2)])
 def test_numpy_input_of_wrong_ndim_is_refused_with_a_clear_message(shape) -> None:
     with pytest.raises(

@@ -76,12 +76,6 @@ def test_open_a_glob(tmp_path: Path) -> None:
     assert everything.file_rows == (10, 15, 6, 9)
 
 
-@pytest.mark.xfail(
-    reason="BUG: parquet_io._resolve_files treats any path containing '*', '?' or '[' as a "
-    "glob before checking whether it exists, so an existing file or directory named with "
-    "brackets (e.g. 'run[1]') is reported as 'no files match this pattern'",
-    strict=True,
-)
 @pytest.mark.parametrize("name", ["run[1]/a.parquet", "b[2].parquet"])
 def test_existing_path_with_glob_characters(tmp_path: Path, name: str) -> None:
     write_parquet(tmp_path / name, _X(3))

@@ -254,12 +254,6 @@ def test_label_files_float64(tmp_path: Path) -> None:
     np.testing.assert_array_equal(table["distance"].to_numpy(), dist)
 
 
-@pytest.mark.xfail(
-    reason="BUG: labelled_file_name keeps only the base name, so inputs in different "
-    "subdirectories with the same name (found by open_parquet's recursive directory search) "
-    "are written to the same output file and rows are silently lost",
-    strict=True,
-)
 def test_label_files_same_name_in_two_subdirectories(tmp_path: Path) -> None:
     X = np.arange(20.0).reshape(10, 2)
     write_parquet(tmp_path / "in" / "2024" / "data.parquet", X[:4])
@@ -273,14 +267,10 @@ def test_label_files_same_name_in_two_subdirectories(tmp_path: Path) -> None:
         for f in files
     )
     assert total == 10
+    assert (tmp_path / "out" / "2024" / "data.parquet").exists()
+    assert (tmp_path / "out" / "2025" / "data.parquet").exists()
 
 
-@pytest.mark.xfail(
-    reason="BUG: a passthrough column named 'cluster' or 'distance' (e.g. re-labelling a "
-    "labelled output with --features) is neither refused nor renamed: LabelledFileWriter "
-    "writes a schema with duplicate column names that pyarrow cannot read back",
-    strict=True,
-)
 def test_label_files_input_with_a_cluster_column(tmp_path: Path) -> None:
     X = np.arange(20.0).reshape(10, 2)
     extra = {"cluster": np.zeros(10, np.int32), "distance": np.zeros(10)}
