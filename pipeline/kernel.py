@@ -4,19 +4,41 @@ For one chunk of rows and the current means this computes, in one pass, everythi
 needs from that chunk: per-cluster weighted sums and counts, the partial loss, how many labels
 changed since the previous means, and the rows farthest from their mean (to relocate empty
 clusters). Each restart of ``n_init`` is a separate set of ``k`` means; all of them share one
-matrix product per block of rows.
+pass over the rows.
 
-Distances use ``||x||^2 - 2 x.mu^T + ||mu||^2``: one float32 (or float64) matrix product per
-block, the block sized so the distance block stays in cache while a compiled loop takes its
-argmin and accumulates the sums in float64.
+Distances use ``||x||^2 - 2 x.mu^T + ||mu||^2``, with the products ``x.mu`` in X's dtype and
+the rest in float64. One compiled loop does it tile by tile: a tile of rows is transposed into
+a buffer that stays in the L1 cache; the products of the tile's rows with a few means at a time
+are accumulated in SIMD registers, vectorised over rows; each row's nearest and second-nearest
+distance and label are updated from them at once, so no (rows x means) matrix is ever written
+to memory; then the rows' sums, counts and loss are accumulated in float64, in row order. For
+float32 rows the vector code is written out explicitly (16-lane registers, see below); float64
+rows go through loops that LLVM vectorises.
+
+Each product is one chain of fused multiply-adds over the features, in feature order, from
+zero: the rounding of OpenBLAS's GEMM kernels, so labels and distances are those of the BLAS
+product ``X @ means.T`` that the kernel used before (bit for bit where BLAS takes its GEMM path;
+its matrix-vector and small-matrix paths round the last bits differently), and they no longer
+depend on how rows are split into blocks or chunks.
+
+Counting changed labels needs every row's label under the previous means. A fit evaluates the
+same persisted chunk arrays pass after pass, so the labels of the last pass over each array are
+remembered (``_LabelMemo``) and compared; otherwise rows whose label provably did not change
+are skipped and the others get their previous label recomputed.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
 
 __all__ = [
     "ChunkStats",
@@ -31,11 +53,28 @@ __all__ = [
 #: typical per-core L2 cache, so the distance block is reduced while it is still in cache.
 _BLOCK_BYTES = 1 << 20
 
+#: Bytes of one tile's working set in the compiled pass (the tile's rows transposed, four
+#: product accumulators and, per row, the best and second-best distance and label): under a
+#: typical 32-48 KiB L1 data cache, so the products of every mean are formed from L1.
+_TILE_BYTES = 40 << 10
+
 
 def block_rows_for(n_columns: int, n_features: int, itemsize: int) -> int:
-    """Rows per block so that a block of X and of its distances fits ``_BLOCK_BYTES``."""
+    """Rows per block so that a block of X and of its distances fits ``_BLOCK_BYTES``.
+
+    The compiled pass never materialises the distance block; this bounds its tiles from above
+    (see ``_tile_rows``).
+    """
     rows = _BLOCK_BYTES // (itemsize * (n_columns + n_features))
     return int(min(max(rows, 256), 16384))
+
+
+def _tile_rows(n_columns: int, n_features: int, itemsize: int) -> int:
+    """Rows per tile of the compiled pass: a multiple of 32 (whole blocks of the SIMD path),
+    the working set within ``_TILE_BYTES``, and never more than ``block_rows_for``."""
+    per_row = itemsize * (n_features + 4) + 24
+    rows = min(_TILE_BYTES // per_row, block_rows_for(n_columns, n_features, itemsize))
+    return int(max(32, rows // 32 * 32))
 
 
 @dataclass
@@ -72,36 +111,600 @@ class ChunkStats:
     sq_total: float = 0.0
 
 
+# The compiled pass. ``fastmath={"contract"}`` only lets LLVM fuse ``a + s * x`` into one fused
+# multiply-add (no reassociation, no other relaxation), and only in the two product loops: the
+# sums, loss and changed-label bounds are compiled without it, so they round exactly as written.
+
+
+@numba.njit(nogil=True, cache=True, fastmath={"contract"})
+def _products4(XT, b, S2, j, A):  # pragma: no cover
+    """``A[c, :b] = XT[:, :b].T @ S2[j + c]`` for c < 4: per row one fused multiply-add chain
+    over the features, in order, from zero."""
+    d = XT.shape[0]
+    a0 = A[0]
+    a1 = A[1]
+    a2 = A[2]
+    a3 = A[3]
+    for ii in range(b):
+        a0[ii] = 0
+        a1[ii] = 0
+        a2[ii] = 0
+        a3[ii] = 0
+    f = 0
+    while f + 4 <= d:
+        x0 = XT[f]
+        x1 = XT[f + 1]
+        x2 = XT[f + 2]
+        x3 = XT[f + 3]
+        p0, p1, p2, p3 = S2[j, f], S2[j, f + 1], S2[j, f + 2], S2[j, f + 3]
+        q0, q1, q2, q3 = S2[j + 1, f], S2[j + 1, f + 1], S2[j + 1, f + 2], S2[j + 1, f + 3]
+        r0, r1, r2, r3 = S2[j + 2, f], S2[j + 2, f + 1], S2[j + 2, f + 2], S2[j + 2, f + 3]
+        t0, t1, t2, t3 = S2[j + 3, f], S2[j + 3, f + 1], S2[j + 3, f + 2], S2[j + 3, f + 3]
+        for ii in range(b):
+            u0 = x0[ii]
+            u1 = x1[ii]
+            u2 = x2[ii]
+            u3 = x3[ii]
+            a0[ii] = (((a0[ii] + p0 * u0) + p1 * u1) + p2 * u2) + p3 * u3
+            a1[ii] = (((a1[ii] + q0 * u0) + q1 * u1) + q2 * u2) + q3 * u3
+            a2[ii] = (((a2[ii] + r0 * u0) + r1 * u1) + r2 * u2) + r3 * u3
+            a3[ii] = (((a3[ii] + t0 * u0) + t1 * u1) + t2 * u2) + t3 * u3
+        f += 4
+    while f < d:
+        x0 = XT[f]
+        p0, q0, r0, t0 = S2[j, f], S2[j + 1, f], S2[j + 2, f], S2[j + 3, f]
+        for ii in range(b):
+            u0 = x0[ii]
+            a0[ii] = a0[ii] + p0 * u0
+            a1[ii] = a1[ii] + q0 * u0
+            a2[ii] = a2[ii] + r0 * u0
+            a3[ii] = a3[ii] + t0 * u0
+        f += 1
+
+
+@numba.njit(nogil=True, cache=True, fastmath={"contract"})
+def _products1(XT, b, S2, j, A):  # pragma: no cover
+    """``A[0, :b] = XT[:, :b].T @ S2[j]``, rounded as in ``_products4``."""
+    d = XT.shape[0]
+    a0 = A[0]
+    for ii in range(b):
+        a0[ii] = 0
+    f = 0
+    while f + 4 <= d:
+        x0 = XT[f]
+        x1 = XT[f + 1]
+        x2 = XT[f + 2]
+        x3 = XT[f + 3]
+        p0, p1, p2, p3 = S2[j, f], S2[j, f + 1], S2[j, f + 2], S2[j, f + 3]
+        for ii in range(b):
+            a0[ii] = (((a0[ii] + p0 * x0[ii]) + p1 * x1[ii]) + p2 * x2[ii]) + p3 * x3[ii]
+        f += 4
+    while f < d:
+        x0 = XT[f]
+        p0 = S2[j, f]
+        for ii in range(b):
+            a0[ii] = a0[ii] + p0 * x0[ii]
+        f += 1
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _better(v, j, bo, so, ao):  # pragma: no cover
+    """One mean's distance ``v`` (label ``j``) against a row's best ``bo`` (label ``ao``) and
+    second-best ``so``: the first strictly smaller value wins, so ties keep the lower label,
+    and the second-best is the second smallest value (a tie with the best included). Written
+    as min/max so that it compiles to branch-free SIMD code."""
+    so = min(so, max(bo, v))
+    if v < bo:
+        ao = j
+    bo = min(bo, v)
+    return bo, so, ao
+
+
 @numba.njit(nogil=True, cache=True)
-def _nearest_and_accumulate(X, G, cn, xsq, w, k, labels, d1, d2, sums, counts, loss):  # pragma: no cover
-    """For each row and restart: nearest mean, best and second-best squared distance; add the
-    row to that mean's weighted sum and count. ``G`` holds x.mu for all restarts side by side."""
+def _nearest(A, n_means, b, cn, jj, j, best, second, arg):  # pragma: no cover
+    """Fold the products ``A[:n_means, :b]`` of means ``jj..`` (labels ``j..``) into each row's
+    best and second-best ``cn - 2 x.mu`` (``A`` holds ``-2 x.mu``), in float64."""
+    if n_means == 4:
+        c0, c1, c2, c3 = cn[jj], cn[jj + 1], cn[jj + 2], cn[jj + 3]
+        a0 = A[0]
+        a1 = A[1]
+        a2 = A[2]
+        a3 = A[3]
+        for ii in range(b):
+            bo, so, ao = best[ii], second[ii], arg[ii]
+            bo, so, ao = _better(c0 + np.float64(a0[ii]), j, bo, so, ao)
+            bo, so, ao = _better(c1 + np.float64(a1[ii]), j + 1, bo, so, ao)
+            bo, so, ao = _better(c2 + np.float64(a2[ii]), j + 2, bo, so, ao)
+            bo, so, ao = _better(c3 + np.float64(a3[ii]), j + 3, bo, so, ao)
+            best[ii], second[ii], arg[ii] = bo, so, ao
+    else:
+        c0 = cn[jj]
+        a0 = A[0]
+        for ii in range(b):
+            bo, so, ao = _better(c0 + np.float64(a0[ii]), j, best[ii], second[ii], arg[ii])
+            best[ii], second[ii], arg[ii] = bo, so, ao
+
+
+@numba.njit(nogil=True, cache=True)
+def _tile_nearest(XT, b, S2, cn, base, k, A, best, second, arg):  # pragma: no cover
+    """Nearest and second-nearest of means ``base..base+k`` for the ``b`` rows of ``XT``."""
+    for ii in range(b):
+        best[ii] = np.inf
+        second[ii] = np.inf
+        arg[ii] = 0
+    j = 0
+    while j + 4 <= k:
+        _products4(XT, b, S2, base + j, A)
+        _nearest(A, 4, b, cn, base + j, j, best, second, arg)
+        j += 4
+    while j < k:
+        _products1(XT, b, S2, base + j, A)
+        _nearest(A, 1, b, cn, base + j, j, best, second, arg)
+        j += 1
+
+
+# --------------------------------------------------------------------------------------------
+# Explicit SIMD for float32 rows.
+#
+# LLVM's loop vectoriser keeps to 256-bit vectors on current x86 server cores and keeps loop
+# accumulators in memory; the float32 path below instead spells its inner loops with LLVM
+# vector types, so the products of 32 rows with 4 means stay in eight 16-lane registers over
+# all features, and each row's running best/second-best/label live in registers over all
+# means. On CPUs without 512-bit vectors LLVM splits the same code into narrower ones. The
+# products are ``llvm.fma`` chains over the features, in order, from zero: the same rounding
+# as the scalar path (and as BLAS), on every CPU.
+# --------------------------------------------------------------------------------------------
+
+
+class _Vec(types.Type):
+    def __init__(self, name: str, lanes: int, element: ir.Type) -> None:
+        self.lanes = lanes
+        self.llvm = ir.VectorType(element, lanes)
+        super().__init__(name=name)
+
+
+class _F32x16(_Vec):
+    def __init__(self) -> None:
+        super().__init__("kmeans_gd.f32x16", 16, ir.FloatType())
+
+
+class _F64x8(_Vec):
+    def __init__(self) -> None:
+        super().__init__("kmeans_gd.f64x8", 8, ir.DoubleType())
+
+
+class _I32x8(_Vec):
+    def __init__(self) -> None:
+        super().__init__("kmeans_gd.i32x8", 8, ir.IntType(32))
+
+
+_f32x16, _f64x8, _i32x8 = _F32x16(), _F64x8(), _I32x8()
+
+
+class _VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):  # type: ignore[no-untyped-def]
+        super().__init__(dmm, fe_type, fe_type.llvm)
+
+
+for _cls in (_F32x16, _F64x8, _I32x8):
+    register_model(_cls)(_VecModel)
+
+
+def _lanes(n: int, values: list[int]) -> ir.Constant:
+    return ir.Constant(ir.VectorType(ir.IntType(32), n), values)
+
+
+def _vec_pointer(context, builder, aryty, ary, i, vt):  # type: ignore[no-untyped-def]
+    """Pointer to ``vt.lanes`` consecutive elements of a 1-D array from index ``i``."""
+    a = context.make_array(aryty)(context, builder, ary)
+    return builder.bitcast(builder.gep(a.data, [i]), vt.llvm.as_pointer())
+
+
+def _loader(vt):  # type: ignore[no-untyped-def]
+    @intrinsic
+    def load(typingctx, arr, i):  # type: ignore[no-untyped-def]
+        def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+            return builder.load(_vec_pointer(context, builder, sig.args[0], args[0], args[1], vt),
+                                align=4)  # fmt: skip
+
+        return vt(arr, types.intp), codegen
+
+    return load
+
+
+def _storer(vt):  # type: ignore[no-untyped-def]
+    @intrinsic
+    def store(typingctx, arr, i, v):  # type: ignore[no-untyped-def]
+        def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+            ptr = _vec_pointer(context, builder, sig.args[0], args[0], args[1], vt)
+            builder.store(args[2], ptr, align=4)
+            return context.get_dummy_value()
+
+        return types.void(arr, types.intp, vt), codegen
+
+    return store
+
+
+def _splatter(vt, scalar):  # type: ignore[no-untyped-def]
+    @intrinsic
+    def splat(typingctx, x):  # type: ignore[no-untyped-def]
+        def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+            x = context.cast(builder, args[0], sig.args[0], scalar)
+            v = builder.insert_element(ir.Constant(vt.llvm, ir.Undefined), x,
+                                       ir.Constant(ir.IntType(32), 0))  # fmt: skip
+            return builder.shuffle_vector(v, ir.Constant(vt.llvm, ir.Undefined),
+                                          _lanes(vt.lanes, [0] * vt.lanes))  # fmt: skip
+
+        return vt(x), codegen
+
+    return splat
+
+
+_load16 = _loader(_f32x16)
+_store_f64x8 = _storer(_f64x8)
+_store_i32x8 = _storer(_i32x8)
+_splat16 = _splatter(_f32x16, types.float32)
+_splat_f64x8 = _splatter(_f64x8, types.float64)
+_splat_i32x8 = _splatter(_i32x8, types.int32)
+
+
+@intrinsic
+def _fma16(typingctx, a, b, c):  # type: ignore[no-untyped-def]
+    """``a * b + c`` rounded once, lane by lane."""
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        t = _f32x16.llvm
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(t, [t, t, t]), "llvm.fma.v16f32"
+        )
+        return builder.call(fn, args)
+
+    return _f32x16(_f32x16, _f32x16, _f32x16), codegen
+
+
+def _widener(high: bool):  # type: ignore[no-untyped-def]
+    @intrinsic
+    def widen(typingctx, c, a):  # type: ignore[no-untyped-def]
+        """``c + float64(a[lanes])`` for the low or high 8 lanes of ``a``."""
+
+        def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+            half = builder.shuffle_vector(args[1], ir.Constant(_f32x16.llvm, ir.Undefined),
+                                          _lanes(8, list(range(8 * high, 8 * high + 8))))  # fmt: skip
+            return builder.fadd(args[0], builder.fpext(half, _f64x8.llvm))
+
+        return _f64x8(_f64x8, _f32x16), codegen
+
+    return widen
+
+
+_widen_low = _widener(False)
+_widen_high = _widener(True)
+
+
+def _extender(high: bool):  # type: ignore[no-untyped-def]
+    @intrinsic
+    def extend(typingctx, a):  # type: ignore[no-untyped-def]
+        """``float64(a[lanes])`` for the low or high 8 lanes of ``a``."""
+
+        def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+            half = builder.shuffle_vector(args[0], ir.Constant(_f32x16.llvm, ir.Undefined),
+                                          _lanes(8, list(range(8 * high, 8 * high + 8))))  # fmt: skip
+            return builder.fpext(half, _f64x8.llvm)
+
+        return _f64x8(_f32x16), codegen
+
+    return extend
+
+
+_extend_low = _extender(False)
+_extend_high = _extender(True)
+_load_f64x8 = _loader(_f64x8)
+
+
+@intrinsic
+def _add_f64x8(typingctx, a, b):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        return builder.fadd(*args)
+
+    return _f64x8(_f64x8, _f64x8), codegen
+
+
+@intrinsic
+def _mul_f64x8(typingctx, a, b):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        return builder.fmul(*args)
+
+    return _f64x8(_f64x8, _f64x8), codegen
+
+
+@intrinsic
+def _fold(typingctx, v, j, bo, so, ao, want_second):  # type: ignore[no-untyped-def]
+    """``_better`` on 8 lanes: returns (best, second, label), the second only when asked."""
+    ret = types.Tuple((_f64x8, _f64x8, _i32x8))
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        v, j, bo, so, ao, want = args
+        less = builder.fcmp_ordered("<", v, bo)
+        # min(so, max(bo, v)) with the comparisons of Python's min and max
+        t = builder.select(builder.fcmp_ordered(">", v, bo), v, bo)
+        new_so = builder.select(builder.fcmp_ordered("<", t, so), t, so)
+        so = builder.select(want, new_so, so)
+        return context.make_tuple(builder, ret, [builder.select(less, v, bo), so,
+                                                 builder.select(less, j, ao)])  # fmt: skip
+
+    return ret(_f64x8, _i32x8, _f64x8, _f64x8, _i32x8, types.boolean), codegen
+
+
+@intrinsic
+def _transpose16(typingctx, X, r0, c0, XT, t0):  # type: ignore[no-untyped-def]
+    """``XT[c0 + c, t0 + i] = X[r0 + i, c0 + c]`` for i, c < 16 (X's rows contiguous)."""
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        xty, _, _, tty, _ = sig.args
+        X_, r0_, c0_, XT_, t0_ = args
+        x = context.make_array(xty)(context, builder, X_)
+        xt = context.make_array(tty)(context, builder, XT_)
+        vp = _f32x16.llvm.as_pointer()
+        one = ir.Constant(r0_.type, 1)
+        rows = []
+        r = r0_
+        for _ in range(16):
+            ptr = cgutils.get_item_pointer(context, builder, xty, x, [r, c0_])
+            rows.append(builder.load(builder.bitcast(ptr, vp), align=4))
+            r = builder.add(r, one)
+        h = 8
+        while h:  # swap the off-diagonal h x h blocks of every 2h x 2h block
+            for i in range(16):
+                if i & h:
+                    continue
+                lo = [c if not c & h else 16 + c - h for c in range(16)]
+                hi = [c + h if not c & h else 16 + c for c in range(16)]
+                a, b = rows[i], rows[i + h]
+                rows[i] = builder.shuffle_vector(a, b, _lanes(16, lo))
+                rows[i + h] = builder.shuffle_vector(a, b, _lanes(16, hi))
+            h //= 2
+        c = c0_
+        for i in range(16):
+            ptr = cgutils.get_item_pointer(context, builder, tty, xt, [c, t0_])
+            builder.store(rows[i], builder.bitcast(ptr, vp), align=4)
+            c = builder.add(c, one)
+        return context.get_dummy_value()
+
+    return types.void(X, types.intp, types.intp, XT, types.intp), codegen
+
+
+@numba.njit(nogil=True, cache=True)
+def _transpose_tile32(X, start, b, XT):  # pragma: no cover
+    """Rows ``start..start+b`` of float32 X into the columns of XT, zero-padded to a multiple
+    of 32 columns."""
+    d = X.shape[1]
+    full_r = b // 16 * 16
+    full_c = d // 16 * 16
+    for i0 in range(0, full_r, 16):
+        for c0 in range(0, full_c, 16):
+            _transpose16(X, start + i0, c0, XT, i0)
+        for f in range(full_c, d):
+            for ii in range(i0, i0 + 16):
+                XT[f, ii] = X[start + ii, f]
+    for ii in range(full_r, b):
+        for f in range(d):
+            XT[f, ii] = X[start + ii, f]
+    padded = (b + 31) // 32 * 32
+    for f in range(d):
+        for ii in range(b, padded):
+            XT[f, ii] = 0
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _fold32(p, q, c, j, st, want_second):  # pragma: no cover
+    """Fold one mean's ``-2 x.mu`` for 32 rows (``p``: rows 0-15, ``q``: 16-31) into the state
+    (best, second, label per 8 rows)."""
+    b0, b1, b2, b3, s0, s1, s2, s3, a0, a1, a2, a3 = st
+    cc = _splat_f64x8(c)
+    label = _splat_i32x8(np.int32(j))
+    b0, s0, a0 = _fold(_widen_low(cc, p), label, b0, s0, a0, want_second)
+    b1, s1, a1 = _fold(_widen_high(cc, p), label, b1, s1, a1, want_second)
+    b2, s2, a2 = _fold(_widen_low(cc, q), label, b2, s2, a2, want_second)
+    b3, s3, a3 = _fold(_widen_high(cc, q), label, b3, s3, a3, want_second)
+    return b0, b1, b2, b3, s0, s1, s2, s3, a0, a1, a2, a3
+
+
+@numba.njit(nogil=True, cache=True)
+def _tile_nearest32(XT, b, S2, cn, base, k, best, second, arg, want_second):  # pragma: no cover
+    """``_tile_nearest`` for float32, 32 rows at a time (XT zero-padded to whole blocks):
+    the products of 32 rows with 4 means accumulate in registers over all features, then
+    fold into the rows' best, second-best (``want_second``) and label, kept in registers
+    over all means."""
+    d = XT.shape[0]
+    inf = _splat_f64x8(np.inf)
+    zero = _splat16(np.float32(0))
+    for i0 in range(0, b, 32):
+        i1 = i0 + 16
+        # running best (b), second (s) and label (a) of rows i0+0..7, +8..15, +16..23, +24..31
+        b0, b1, b2, b3 = inf, inf, inf, inf
+        s0, s1, s2, s3 = inf, inf, inf, inf
+        a0 = _splat_i32x8(np.int32(0))
+        a1, a2, a3 = a0, a0, a0
+        j = 0
+        while j < k:
+            n_means = 4 if j + 4 <= k else 1
+            jj = base + j
+            p0, p1, p2, p3, q0, q1, q2, q3 = zero, zero, zero, zero, zero, zero, zero, zero
+            if n_means == 4:
+                for f in range(d):
+                    row = XT[f]
+                    x = _load16(row, i0)
+                    y = _load16(row, i1)
+                    m = _splat16(S2[jj, f])
+                    p0 = _fma16(m, x, p0)
+                    q0 = _fma16(m, y, q0)
+                    m = _splat16(S2[jj + 1, f])
+                    p1 = _fma16(m, x, p1)
+                    q1 = _fma16(m, y, q1)
+                    m = _splat16(S2[jj + 2, f])
+                    p2 = _fma16(m, x, p2)
+                    q2 = _fma16(m, y, q2)
+                    m = _splat16(S2[jj + 3, f])
+                    p3 = _fma16(m, x, p3)
+                    q3 = _fma16(m, y, q3)
+            else:
+                for f in range(d):
+                    row = XT[f]
+                    m = _splat16(S2[jj, f])
+                    p0 = _fma16(m, _load16(row, i0), p0)
+                    q0 = _fma16(m, _load16(row, i1), q0)
+            st = (b0, b1, b2, b3, s0, s1, s2, s3, a0, a1, a2, a3)
+            st = _fold32(p0, q0, cn[jj], j, st, want_second)
+            if n_means == 4:
+                st = _fold32(p1, q1, cn[jj + 1], j + 1, st, want_second)
+                st = _fold32(p2, q2, cn[jj + 2], j + 2, st, want_second)
+                st = _fold32(p3, q3, cn[jj + 3], j + 3, st, want_second)
+            b0, b1, b2, b3, s0, s1, s2, s3, a0, a1, a2, a3 = st
+            j += n_means
+        _store_f64x8(best, i0, b0)
+        _store_f64x8(best, i0 + 8, b1)
+        _store_f64x8(best, i1, b2)
+        _store_f64x8(best, i1 + 8, b3)
+        _store_f64x8(second, i0, s0)
+        _store_f64x8(second, i0 + 8, s1)
+        _store_f64x8(second, i1, s2)
+        _store_f64x8(second, i1 + 8, s3)
+        _store_i32x8(arg, i0, a0)
+        _store_i32x8(arg, i0 + 8, a1)
+        _store_i32x8(arg, i1, a2)
+        _store_i32x8(arg, i1 + 8, a3)
+
+
+@numba.njit(nogil=True, cache=True)
+def _accumulate(X, start, b, xsq, w, has_w, best, arg, labels, d1, sums, counts, loss, vec):
+    # pragma: no cover
+    """Rows ``start..start+b`` of one restart: labels and clamped distances, then, row by row
+    in order, ``counts[a] += w``, ``loss += w * dist`` and ``sums[a] += w * x`` (float64, the
+    product rounded before the sum). Returns the loss. ``vec``: X is float32, rows contiguous."""
+    d = X.shape[1]
+    for ii in range(b):
+        dist = xsq[start + ii] + best[ii]
+        d1[start + ii] = max(dist, 0.0)
+        labels[start + ii] = arg[ii]
+    wide = d // 16 * 16 if vec else 0
+    for ii in range(b):
+        i = start + ii
+        a = arg[ii]
+        wi = w[i] if has_w else 1.0
+        counts[a] += wi
+        loss += wi * d1[i]
+        x = X[i]
+        row = sums[a]
+        if vec:
+            weight = _splat_f64x8(wi)
+            for f in range(0, wide, 16):
+                v = _load16(x, f)
+                lo = _extend_low(v)
+                hi = _extend_high(v)
+                if has_w:
+                    lo = _mul_f64x8(weight, lo)
+                    hi = _mul_f64x8(weight, hi)
+                _store_f64x8(row, f, _add_f64x8(_load_f64x8(row, f), lo))
+                _store_f64x8(row, f + 8, _add_f64x8(_load_f64x8(row, f + 8), hi))
+        for f in range(wide, d):
+            row[f] += wi * x[f]
+    return loss
+
+
+@numba.njit(nogil=True, cache=True)
+def _checksum(words, lo, hi):  # pragma: no cover
+    """Wrapping sum of ``words[lo:hi]``, each XOR-ed with a multiple of its position (a
+    change of any one word, or an exchange of two, changes it)."""
+    h = np.uint64(0)
+    part = words[lo:hi]
+    for q in range(part.shape[0]):
+        h += np.uint64(part[q]) ^ (np.uint64(lo + q) * np.uint64(0x9E3779B97F4A7C15))
+    return h
+
+
+@numba.njit(nogil=True, cache=True)
+def _fused_pass(
+    X, words, S2, cn, xsq, w, k, tile, labels, d1, sums, counts, loss,
+    P2, pn, eps, pmax, shift, smax, changed, vec,
+):  # pragma: no cover
+    """The whole pass over X, tile by tile; returns the checksum of ``words`` (X's bytes as
+    32- or 64-bit words, or empty), taken while each tile is in cache (see ``_LabelMemo``).
+
+    ``S2`` is ``-2`` times all restarts' means stacked (n_init*k, d) in X's dtype, ``cn`` their
+    squared norms. Writes labels and clamped best distances per restart and row, and adds to
+    ``sums``, ``counts`` and ``loss`` (weights ``w``; none when empty). When ``P2`` is not
+    empty (``-2`` times the previous means, ``pn`` their norms), a row whose label provably
+    did not change (its margin to the second-nearest mean exceeds the means' moves, ``shift``
+    per mean and ``smax`` their largest, with rounding ``slack``) is skipped, and every other
+    row gets its previous label from the previous means: ``changed`` counts the differences.
+    ``vec``: X is float32 with contiguous rows, and ``tile`` a multiple of 32: take the
+    explicit-SIMD path.
+    """
     n, d = X.shape
-    n_init = labels.shape[0]
-    for i in range(n):
-        wi = w[i]
+    n_init = S2.shape[0] // k
+    has_w = w.shape[0] > 0
+    check = P2.shape[0] > 0
+    XT = np.empty((d, tile), dtype=X.dtype)
+    XU = np.empty((d, tile), dtype=X.dtype)
+    A = np.empty((4, tile), dtype=X.dtype)
+    best = np.empty((n_init, tile))
+    second = np.empty((n_init, tile))
+    arg = np.empty((n_init, tile), dtype=np.int32)
+    ubest = np.empty(tile)
+    usecond = np.empty(tile)
+    uarg = np.empty(tile, dtype=np.int32)
+    unsure = np.empty((n_init, tile), dtype=np.int64)
+    n_unsure = np.zeros(n_init, dtype=np.int64)
+    per_row = words.shape[0] // n if n > 0 else 0
+    h = np.uint64(0)
+    for start in range(0, n, tile):
+        b = min(tile, n - start)
+        if vec:
+            _transpose_tile32(X, start, b, XT)
+        else:
+            for ii in range(b):
+                for f in range(d):
+                    XT[f, ii] = X[start + ii, f]
+        h += _checksum(words, start * per_row, (start + b) * per_row)
         for r in range(n_init):
-            base = r * k
-            best = np.inf
-            second = np.inf
-            arg = 0
-            for j in range(k):
-                v = cn[base + j] - 2.0 * G[i, base + j]
-                if v < best:
-                    second = best
-                    best = v
-                    arg = j
-                elif v < second:
-                    second = v
-            dist = xsq[i] + best
-            dist = max(dist, 0.0)
-            labels[r, i] = arg
-            d1[r, i] = dist
-            d2[r, i] = xsq[i] + second
-            counts[r, arg] += wi
-            loss[r] += wi * dist
-            for f in range(d):
-                sums[r, arg, f] += wi * X[i, f]
+            if vec:
+                _tile_nearest32(XT, b, S2, cn, r * k, k, best[r], second[r], arg[r], check)
+            else:
+                _tile_nearest(XT, b, S2, cn, r * k, k, A, best[r], second[r], arg[r])
+        for r in range(n_init):
+            loss[r] = _accumulate(X, start, b, xsq, w, has_w, best[r], arg[r], labels[r], d1[r],
+                                  sums[r], counts[r], loss[r], vec)  # fmt: skip
+        n_unsure[:] = 0
+        if check:
+            for ii in range(b):
+                i = start + ii
+                xs = xsq[i]
+                for r in range(n_init):
+                    slack = eps * (xs + pmax[r] + 1.0)
+                    own = np.sqrt(d1[r, i] + slack) + shift[r, arg[r, ii]]
+                    other = np.sqrt(max(xs + second[r, ii] - slack, 0.0)) - smax[r]
+                    if own >= other:
+                        unsure[r, n_unsure[r]] = ii
+                        n_unsure[r] += 1
+        if check:
+            for r in range(n_init):
+                u = n_unsure[r]
+                if u == 0:
+                    continue
+                for f in range(d):
+                    for q in range(u):
+                        XU[f, q] = XT[f, unsure[r, q]]
+                if vec:
+                    for f in range(d):
+                        for q in range(u, (u + 31) // 32 * 32):
+                            XU[f, q] = 0
+                    _tile_nearest32(XU, u, P2, pn, r * k, k, ubest, usecond, uarg, False)
+                else:
+                    _tile_nearest(XU, u, P2, pn, r * k, k, A, ubest, usecond, uarg)
+                for q in range(u):
+                    if uarg[q] != arg[r, unsure[r, q]]:
+                        changed[r] += 1
+    return h
 
 
 def row_sq_norms(X: np.ndarray) -> np.ndarray:
@@ -115,65 +718,54 @@ def _stack(centers: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray
     return stacked, row_sq_norms(stacked)
 
 
-def _count_changed(
+def _pass(
     X: np.ndarray,
-    labels: np.ndarray,
-    d1: np.ndarray,
-    d2: np.ndarray,
-    xsq: np.ndarray,
     centers: np.ndarray,
-    previous: np.ndarray,
-) -> np.ndarray:
-    """Count rows whose nearest mean differs from their nearest previous mean.
+    xsq: np.ndarray,
+    w: np.ndarray | None,
+    previous: np.ndarray | None = None,
+) -> tuple[np.ndarray, ...]:
+    """One compiled pass over X: labels and clamped best squared distances per restart and
+    row, the weighted sums, counts and loss, (with ``previous``) the changed labels, and a
+    checksum of X's bytes (None unless X is C-contiguous).
 
     A row keeps its label for certain when its margin to the second-nearest mean is larger
     than the distance the means moved (triangle inequality); only the other rows get their
-    previous label computed, with one small matrix product. Near convergence that is a
-    handful of rows, so the count is exact at almost no cost.
+    previous label computed. Near convergence that is a handful of rows, so the count is
+    exact at almost no cost.
     """
-    n_init, k, d = centers.shape
-    changed = np.zeros(n_init, dtype=np.int64)
-    shift = np.sqrt(((centers - previous) ** 2).sum(axis=-1))  # (n_init, k)
-    eps = np.finfo(X.dtype).eps * (d + 4)
-    prev_stacked, prev_norms = _stack(previous, X.dtype)
-    for r in range(n_init):
-        slack = eps * (xsq + np.max(prev_norms[r * k : (r + 1) * k]) + 1.0)
-        own = np.sqrt(d1[r] + slack) + shift[r][labels[r]]
-        other = np.sqrt(np.maximum(d2[r] - slack, 0.0)) - shift[r].max()
-        unsure = np.flatnonzero(own >= other)
-        if unsure.size == 0:
-            continue
-        block = prev_stacked[r * k : (r + 1) * k]
-        old = np.argmin(prev_norms[r * k : (r + 1) * k] - 2.0 * (X[unsure] @ block.T), axis=1)
-        changed[r] = int(np.count_nonzero(old != labels[r][unsure]))
-    return changed
-
-
-def _blocked_pass(
-    X: np.ndarray, centers: np.ndarray, xsq: np.ndarray, w: np.ndarray
-) -> tuple[np.ndarray, ...]:
-    """One pass over X in cache-sized blocks: labels, best and second-best squared distances
-    per restart, and the weighted sums, counts and loss."""
     n, d = X.shape
     n_init, k, _ = centers.shape
     stacked, cn = _stack(centers, X.dtype)
     labels = np.empty((n_init, n), dtype=np.int32)
     d1 = np.empty((n_init, n), dtype=np.float64)
-    d2 = np.empty((n_init, n), dtype=np.float64)
     sums = np.zeros((n_init, k, d), dtype=np.float64)
     counts = np.zeros((n_init, k), dtype=np.float64)
     loss = np.zeros(n_init, dtype=np.float64)
-    step = block_rows_for(n_init * k, d, X.dtype.itemsize)
-    G = np.empty((min(step, n), n_init * k), dtype=X.dtype)
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        g = G[: stop - start]
-        np.matmul(X[start:stop], stacked.T, out=g)
-        _nearest_and_accumulate(
-            X[start:stop], g, cn, xsq[start:stop], w[start:stop], k,
-            labels[:, start:stop], d1[:, start:stop], d2[:, start:stop], sums, counts, loss,
-        )  # fmt: skip
-    return labels, d1, d2, sums, counts, loss
+    changed = np.zeros(n_init, dtype=np.int64)
+    none = np.empty(0, dtype=np.float64)
+    if previous is None:
+        P2, pn, eps = np.empty((0, d), dtype=X.dtype), none, 0.0
+        pmax, shift, smax = none, np.empty((0, k)), none
+    else:
+        shift = np.sqrt(((centers - previous) ** 2).sum(axis=-1))  # (n_init, k)
+        eps = float(np.finfo(X.dtype).eps * (d + 4))
+        prev_stacked, pn = _stack(previous, X.dtype)
+        P2 = prev_stacked * X.dtype.type(-2)
+        pmax = pn.reshape(n_init, k).max(axis=1)
+        smax = shift.max(axis=1)
+    tile = _tile_rows(n_init * k, d, X.dtype.itemsize)
+    vec = X.dtype == np.float32 and X.strides[1] == 4 and tile % 32 == 0
+    contiguous = X.flags.c_contiguous and X.size > 0
+    word = np.uint64 if (d * X.dtype.itemsize) % 8 == 0 else np.uint32
+    words = X.reshape(-1).view(word) if contiguous else np.empty(0, dtype=np.uint32)
+    h = _fused_pass(
+        X, words, stacked * X.dtype.type(-2), cn, np.ascontiguousarray(xsq, dtype=np.float64),
+        none if w is None else np.ascontiguousarray(w, dtype=np.float64), k, tile,
+        labels, d1, sums, counts, loss, P2, pn, eps, pmax, shift, smax, changed, vec,
+    )  # fmt: skip
+    fingerprint = int(h) if contiguous else None
+    return labels, d1, sums, counts, loss, changed, fingerprint
 
 
 def chunk_stats(
@@ -208,32 +800,181 @@ def chunk_stats(
     w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
     if xsq is None:
         xsq = row_sq_norms(X)
-    labels, d1, d2, sums, counts, loss = _blocked_pass(X, centers, xsq, w)
+    centers = np.asarray(centers)
+    w_arg = None if weights is None else w
+    remembered = None
+    if previous is not None:
+        previous = np.asarray(previous)
+        remembered = _LABELS.get(X, previous)
+    labels, d1, sums, counts, loss, changed, fingerprint = _pass(
+        X, centers, xsq, w_arg, previous if remembered is None else None
+    )
+    if remembered is not None and remembered[0] != fingerprint:
+        # X was modified in place since its labels were remembered: count the other way
+        remembered = None
+        labels, d1, sums, counts, loss, changed, fingerprint = _pass(
+            X, centers, xsq, w_arg, previous
+        )
+    _LABELS.put(X, fingerprint, centers, labels)
     if previous is None:
         changed = np.full(centers.shape[0], -1, dtype=np.int64)
-    else:
-        changed = _count_changed(X, labels, d1, d2, xsq, centers, previous)
-    far_dist, far_rows, far_index = _farthest(X, d1, w, offset, n_far)
+    elif remembered is not None:
+        changed = np.array(
+            [np.count_nonzero(labels[r] != remembered[1][r]) for r in range(len(labels))],
+            dtype=np.int64,
+        )
+    far_dist, far_rows, far_index = _farthest(X, d1, w, offset, n_far, weights is not None)
     return ChunkStats(
         sums, counts, loss, changed, far_dist, far_rows, far_index, n, float(w @ xsq)
     )
 
 
+class _LabelMemo:
+    """The labels of the last pass over each live array, to count changed labels exactly
+    without recomputing the previous labels.
+
+    A fit evaluates its means on the same (persisted) chunk arrays pass after pass, and each
+    pass's ``previous`` means are the means the pass before evaluated: their labels for those
+    rows were computed then. They are kept per array object (weakly: forgotten with the
+    array), with a checksum of its contents and the exact means they belong to; a lookup that
+    finds anything different (another array, modified rows, other means) falls back to the
+    bound-and-recompute path, which gives the same count. The cost is 4 bytes per row and
+    restart while the array lives; arrays whose labels would take more than an eighth of their
+    own size (few features, many restarts) are not remembered.
+    """
+
+    def __init__(self) -> None:
+        # re-entrant: a weakref callback may run (garbage collection) while the lock is held
+        self._lock = threading.RLock()
+        self._entries: dict[int, tuple[weakref.ref, int, dict[bytes, np.ndarray]]] = {}
+
+    def _forget(self, key: int, ref: weakref.ref) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry[0] is ref:
+                del self._entries[key]
+
+    def put(self, X: np.ndarray, fingerprint: int | None, centers: np.ndarray,
+            labels: np.ndarray) -> None:  # fmt: skip
+        if fingerprint is None or labels.nbytes * 8 > X.nbytes:
+            return  # not worth more than an eighth of the rows' own memory
+        key = id(X)
+        try:
+            ref = weakref.ref(X, lambda r, key=key: self._forget(key, r))
+        except TypeError:
+            return
+        by_means = {
+            np.ascontiguousarray(c, dtype=np.float64).tobytes(): labels[r]
+            for r, c in enumerate(centers)
+        }
+        with self._lock:
+            self._entries[key] = (ref, fingerprint, by_means)
+
+    def get(self, X: np.ndarray, previous: np.ndarray) -> tuple[int, list[np.ndarray]] | None:
+        """The checksum X had and each restart's labels under ``previous``, or None unless all
+        are remembered. The caller compares the checksum with X's current one."""
+        with self._lock:
+            entry = self._entries.get(id(X))
+        if entry is None or entry[0]() is not X:
+            return None
+        found = [
+            entry[2].get(np.ascontiguousarray(p, dtype=np.float64).tobytes()) for p in previous
+        ]
+        if any(f is None or len(f) != len(X) for f in found):
+            return None
+        return entry[1], found
+
+
+_LABELS = _LabelMemo()
+
+
+@numba.njit(nogil=True, cache=True)
+def _top_rows(dist, w, has_w, m):  # pragma: no cover
+    """The rows of the ``m`` largest ``dist`` among rows of positive weight, in no order, by
+    a bounded min-heap; ``ok`` is False unless exactly m rows reach the m-th largest value
+    (no tie at the cut-off, no missing rows, no NaN), i.e. unless the set is unique."""
+    n = dist.shape[0]
+    heap = np.empty(m)
+    index = np.empty(m, dtype=np.int64)
+    size = 0
+    for i in range(n):
+        if has_w and not w[i] > 0:
+            continue
+        v = dist[i]
+        if size < m:
+            # sift up
+            c = size
+            size += 1
+            while c > 0:
+                parent = (c - 1) // 2
+                if not heap[parent] > v:
+                    break
+                heap[c] = heap[parent]
+                index[c] = index[parent]
+                c = parent
+            heap[c] = v
+            index[c] = i
+        elif v > heap[0]:
+            # replace the smallest, sift down
+            c = 0
+            while True:
+                child = 2 * c + 1
+                if child >= m:
+                    break
+                if child + 1 < m and heap[child + 1] < heap[child]:
+                    child += 1
+                if not heap[child] < v:
+                    break
+                heap[c] = heap[child]
+                index[c] = index[child]
+                c = child
+            heap[c] = v
+            index[c] = i
+    if size < m:
+        return False, index
+    cut = heap[0]
+    reach = 0
+    for i in range(n):
+        if (not has_w or w[i] > 0) and dist[i] >= cut:
+            reach += 1
+    for q in range(m):
+        if heap[q] != heap[q]:
+            return False, index
+    return reach == m, index
+
+
 def _farthest(
-    X: np.ndarray, dist: np.ndarray, w: np.ndarray, offset: int, m: int
+    X: np.ndarray, dist: np.ndarray, w: np.ndarray, offset: int, m: int, weighted: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The ``m`` rows of positive weight farthest from their mean, per restart."""
+    """The ``m`` rows of positive weight farthest from their mean, per restart.
+
+    When those rows are unique (no tie at the cut-off) they are found with a bounded heap;
+    otherwise by ``np.argpartition``, whose choice among rows tied at the cut-off is its own.
+    ``weighted=False`` says every weight is positive.
+    """
     n_init, n = dist.shape
     m = min(m, n)
     far_dist = np.empty((n_init, m))
     far_rows = np.empty((n_init, m, X.shape[1]))
     far_index = np.empty((n_init, m), dtype=np.int64)
+    if m == 0:
+        return far_dist, far_rows, far_index
+    positive = None
     for r in range(n_init):
-        score = np.where(w > 0, dist[r], -np.inf)
-        top = np.argpartition(-score, m - 1)[:m] if 0 < m < n else np.arange(m)
+        ok, top = (False, None) if m == n else _top_rows(dist[r], w, weighted, m)
+        if ok:
+            neg = -dist[r, top]  # minus the score of these rows
+        else:
+            if positive is None:
+                positive = w > 0
+            # minus the score (the distance, -inf for rows of no weight), formed in one pass
+            neg_all = np.where(positive, -dist[r], np.inf)
+            top = np.argpartition(neg_all, m - 1)[:m] if m < n else np.arange(m)
+            neg = neg_all[top]
         # order: farthest first, then lowest row index, so ties never depend on chunking
-        top = top[np.lexsort((top, -score[top]))]
-        far_dist[r], far_rows[r], far_index[r] = score[top], X[top], top + offset
+        order = np.lexsort((top, neg))
+        top, neg = top[order], neg[order]
+        far_dist[r], far_rows[r], far_index[r] = -neg, X[top], top + offset
     return far_dist, far_rows, far_index
 
 
@@ -263,5 +1004,5 @@ def combine_stats(a: ChunkStats, b: ChunkStats) -> ChunkStats:
 def assign_labels(X: np.ndarray, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Nearest mean (int32) and squared distance to it (float64) for each row, for one set of
     means of shape (k, d)."""
-    labels, d1, _, _, _, _ = _blocked_pass(X, centers[None], row_sq_norms(X), np.ones(len(X)))
+    labels, d1, *_ = _pass(X, np.asarray(centers)[None], row_sq_norms(X), None)
     return labels[0], d1[0]
