@@ -38,7 +38,7 @@ import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic, models, register_model
+from numba.extending import intrinsic, models, overload, register_model
 
 __all__ = [
     "ChunkStats",
@@ -187,7 +187,7 @@ def _products1(XT, b, S2, j, A):  # pragma: no cover
         f += 1
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
+@numba.njit(nogil=True, cache=True)
 def _better(v, j, bo, so, ao):  # pragma: no cover
     """One mean's distance ``v`` (label ``j``) against a row's best ``bo`` (label ``ao``) and
     second-best ``so``: the first strictly smaller value wins, so ties keep the lower label,
@@ -495,7 +495,7 @@ def _transpose_tile32(X, start, b, XT):  # pragma: no cover
             XT[f, ii] = 0
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
+@numba.njit(nogil=True, cache=True)
 def _fold32(p, q, c, j, st, want_second):  # pragma: no cover
     """Fold one mean's ``-2 x.mu`` for 32 rows (``p``: rows 0-15, ``q``: 16-31) into the state
     (best, second, label per 8 rows)."""
@@ -576,38 +576,22 @@ def _tile_nearest32(XT, b, S2, cn, base, k, best, second, arg, want_second):  # 
 
 
 @numba.njit(nogil=True, cache=True)
-def _accumulate(X, start, b, xsq, w, has_w, best, arg, labels, d1, sums, counts, loss, vec):
+def _accumulate(X, start, b, xsq, w, has_w, best, arg, labels, d1, sums, counts, loss):
     # pragma: no cover
     """Rows ``start..start+b`` of one restart: labels and clamped distances, then, row by row
     in order, ``counts[a] += w``, ``loss += w * dist`` and ``sums[a] += w * x`` (float64, the
-    product rounded before the sum). Returns the loss. ``vec``: X is float32, rows contiguous."""
-    d = X.shape[1]
+    product rounded before the sum). Returns the loss."""
     for ii in range(b):
         dist = xsq[start + ii] + best[ii]
         d1[start + ii] = max(dist, 0.0)
         labels[start + ii] = arg[ii]
-    wide = d // 16 * 16 if vec else 0
     for ii in range(b):
         i = start + ii
         a = arg[ii]
         wi = w[i] if has_w else 1.0
         counts[a] += wi
         loss += wi * d1[i]
-        x = X[i]
-        row = sums[a]
-        if vec:
-            weight = _splat_f64x8(wi)
-            for f in range(0, wide, 16):
-                v = _load16(x, f)
-                lo = _extend_low(v)
-                hi = _extend_high(v)
-                if has_w:
-                    lo = _mul_f64x8(weight, lo)
-                    hi = _mul_f64x8(weight, hi)
-                _store_f64x8(row, f, _add_f64x8(_load_f64x8(row, f), lo))
-                _store_f64x8(row, f + 8, _add_f64x8(_load_f64x8(row, f + 8), hi))
-        for f in range(wide, d):
-            row[f] += wi * x[f]
+        _add_row(sums[a], X[i], wi, has_w)
     return loss
 
 
@@ -622,10 +606,92 @@ def _checksum(words, lo, hi):  # pragma: no cover
     return h
 
 
+# Which code a pass compiles is decided from the types alone, so each dtype and layout compiles
+# only its own path: the explicit-SIMD one for float32 (rows contiguous for reading X), the
+# auto-vectorised one otherwise.
+
+
+def _transpose_tile(X, start, b, XT):  # pragma: no cover
+    """Rows ``start..start+b`` of X into the columns of XT (padded for the SIMD path)."""
+
+
+@overload(_transpose_tile, inline="always")
+def _transpose_tile_impl(X, start, b, XT):  # type: ignore[no-untyped-def]
+    if X.dtype == types.float32 and X.layout == "C":
+        return lambda X, start, b, XT: _transpose_tile32(X, start, b, XT)
+
+    pad = XT.dtype == types.float32  # the SIMD path reads whole blocks of 32 rows
+
+    def transpose(X, start, b, XT):  # type: ignore[no-untyped-def]
+        for ii in range(b):
+            for f in range(X.shape[1]):
+                XT[f, ii] = X[start + ii, f]
+        if pad:
+            for f in range(X.shape[1]):
+                for ii in range(b, (b + 31) // 32 * 32):
+                    XT[f, ii] = 0
+
+    return transpose
+
+
+def _nearest_tile(XT, b, S2, cn, base, k, A, best, second, arg, want_second):  # pragma: no cover
+    """Each row's nearest and second-nearest of means ``base..base+k``."""
+
+
+@overload(_nearest_tile, inline="always")
+def _nearest_tile_impl(XT, b, S2, cn, base, k, A, best, second, arg, want_second):  # type: ignore[no-untyped-def]
+    if XT.dtype == types.float32:
+
+        def nearest32(XT, b, S2, cn, base, k, A, best, second, arg, want_second):  # type: ignore[no-untyped-def]
+            _tile_nearest32(XT, b, S2, cn, base, k, best, second, arg, want_second)
+
+        return nearest32
+
+    def nearest(XT, b, S2, cn, base, k, A, best, second, arg, want_second):  # type: ignore[no-untyped-def]
+        _tile_nearest(XT, b, S2, cn, base, k, A, best, second, arg)
+
+    return nearest
+
+
+def _add_row(row, x, wi, has_w):  # pragma: no cover
+    """``row += wi * x`` (float64, each product rounded before the sum)."""
+
+
+@overload(_add_row, inline="always")
+def _add_row_impl(row, x, wi, has_w):  # type: ignore[no-untyped-def]
+    simd = x.dtype == types.float32 and x.layout == "C"
+
+    def add(row, x, wi, has_w):  # type: ignore[no-untyped-def]
+        d = x.shape[0]
+        wide = d // 16 * 16 if simd else 0
+        if simd:
+            weight = _splat_f64x8(wi)
+            for f in range(0, wide, 16):
+                v = _load16(x, f)
+                lo = _extend_low(v)
+                hi = _extend_high(v)
+                if has_w:
+                    lo = _mul_f64x8(weight, lo)
+                    hi = _mul_f64x8(weight, hi)
+                _store_f64x8(row, f, _add_f64x8(_load_f64x8(row, f), lo))
+                _store_f64x8(row, f + 8, _add_f64x8(_load_f64x8(row, f + 8), hi))
+        for f in range(wide, d):
+            row[f] += wi * x[f]
+
+    if simd:
+        return add
+
+    def add_plain(row, x, wi, has_w):  # type: ignore[no-untyped-def]
+        for f in range(x.shape[0]):
+            row[f] += wi * x[f]
+
+    return add_plain
+
+
 @numba.njit(nogil=True, cache=True)
 def _fused_pass(
     X, words, S2, cn, xsq, w, k, tile, labels, d1, sums, counts, loss,
-    P2, pn, eps, pmax, shift, smax, changed, vec,
+    P2, pn, eps, pmax, shift, smax, changed,
 ):  # pragma: no cover
     """The whole pass over X, tile by tile; returns the checksum of ``words`` (X's bytes as
     32- or 64-bit words, or empty), taken while each tile is in cache (see ``_LabelMemo``).
@@ -637,8 +703,6 @@ def _fused_pass(
     did not change (its margin to the second-nearest mean exceeds the means' moves, ``shift``
     per mean and ``smax`` their largest, with rounding ``slack``) is skipped, and every other
     row gets its previous label from the previous means: ``changed`` counts the differences.
-    ``vec``: X is float32 with contiguous rows, and ``tile`` a multiple of 32: take the
-    explicit-SIMD path.
     """
     n, d = X.shape
     n_init = S2.shape[0] // k
@@ -659,21 +723,13 @@ def _fused_pass(
     h = np.uint64(0)
     for start in range(0, n, tile):
         b = min(tile, n - start)
-        if vec:
-            _transpose_tile32(X, start, b, XT)
-        else:
-            for ii in range(b):
-                for f in range(d):
-                    XT[f, ii] = X[start + ii, f]
+        _transpose_tile(X, start, b, XT)
         h += _checksum(words, start * per_row, (start + b) * per_row)
         for r in range(n_init):
-            if vec:
-                _tile_nearest32(XT, b, S2, cn, r * k, k, best[r], second[r], arg[r], check)
-            else:
-                _tile_nearest(XT, b, S2, cn, r * k, k, A, best[r], second[r], arg[r])
+            _nearest_tile(XT, b, S2, cn, r * k, k, A, best[r], second[r], arg[r], check)
         for r in range(n_init):
             loss[r] = _accumulate(X, start, b, xsq, w, has_w, best[r], arg[r], labels[r], d1[r],
-                                  sums[r], counts[r], loss[r], vec)  # fmt: skip
+                                  sums[r], counts[r], loss[r])  # fmt: skip
         n_unsure[:] = 0
         if check:
             for ii in range(b):
@@ -694,13 +750,9 @@ def _fused_pass(
                 for f in range(d):
                     for q in range(u):
                         XU[f, q] = XT[f, unsure[r, q]]
-                if vec:
-                    for f in range(d):
-                        for q in range(u, (u + 31) // 32 * 32):
-                            XU[f, q] = 0
-                    _tile_nearest32(XU, u, P2, pn, r * k, k, ubest, usecond, uarg, False)
-                else:
-                    _tile_nearest(XU, u, P2, pn, r * k, k, A, ubest, usecond, uarg)
+                    for q in range(u, (u + 31) // 32 * 32):  # whole blocks for the SIMD path
+                        XU[f, q] = 0
+                _nearest_tile(XU, u, P2, pn, r * k, k, A, ubest, usecond, uarg, False)
                 for q in range(u):
                     if uarg[q] != arg[r, unsure[r, q]]:
                         changed[r] += 1
@@ -755,14 +807,13 @@ def _pass(
         pmax = pn.reshape(n_init, k).max(axis=1)
         smax = shift.max(axis=1)
     tile = _tile_rows(n_init * k, d, X.dtype.itemsize)
-    vec = X.dtype == np.float32 and X.strides[1] == 4 and tile % 32 == 0
     contiguous = X.flags.c_contiguous and X.size > 0
     word = np.uint64 if (d * X.dtype.itemsize) % 8 == 0 else np.uint32
     words = X.reshape(-1).view(word) if contiguous else np.empty(0, dtype=np.uint32)
     h = _fused_pass(
         X, words, stacked * X.dtype.type(-2), cn, np.ascontiguousarray(xsq, dtype=np.float64),
         none if w is None else np.ascontiguousarray(w, dtype=np.float64), k, tile,
-        labels, d1, sums, counts, loss, P2, pn, eps, pmax, shift, smax, changed, vec,
+        labels, d1, sums, counts, loss, P2, pn, eps, pmax, shift, smax, changed,
     )  # fmt: skip
     fingerprint = int(h) if contiguous else None
     return labels, d1, sums, counts, loss, changed, fingerprint
