@@ -96,7 +96,7 @@ def test_killed_run_resumes_and_matches_uninterrupted(
     slow_data: Path, tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
     full = tmp_path / "full"
-    done = subprocess.run(_fit_command(slow_data, full), env=cli_env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(_fit_command(slow_data, full), env=cli_env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
 
     out = tmp_path / "killed"
@@ -117,7 +117,7 @@ def test_killed_run_resumes_and_matches_uninterrupted(
     saved = json.loads(Path(checkpoint_path(out)).read_text())
     assert 5 <= saved["state"]["iteration"] < 25
 
-    resumed = subprocess.run(_fit_command(slow_data, out), env=cli_env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(_fit_command(slow_data, out), env=cli_env, capture_output=True, text=True, timeout=300, check=False)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from {checkpoint_path(out)} after iteration" in resumed.stdout
     assert not os.path.exists(checkpoint_path(out)), "the checkpoint is removed once done"
@@ -134,7 +134,7 @@ def test_checkpoint_from_other_data_refused(
 ) -> None:
     out = tmp_path / "out"
     save_checkpoint(checkpoint_path(out), {"data": {"files": ["other.parquet"]}}, _state())
-    run = subprocess.run(_fit_command(slow_data, out), env=cli_env, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(_fit_command(slow_data, out), env=cli_env, capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 2
     assert run.stderr.startswith("kmeans-gd: error: checkpoint")
     assert "other data or parameters" in run.stderr and "--no-resume" in run.stderr
@@ -143,7 +143,7 @@ def test_checkpoint_from_other_data_refused(
 
     fresh = subprocess.run(
         _fit_command(slow_data, out, "--no-resume", "--max-iter", "2"), env=cli_env,
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert fresh.returncode == 0, fresh.stderr
     assert (out / "model.json").exists()
