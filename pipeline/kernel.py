@@ -1000,7 +1000,7 @@ def _farthest(
     """The ``m`` rows of positive weight farthest from their mean, per restart.
 
     When those rows are unique (no tie at the cut-off) they are found with a bounded heap;
-    otherwise by ``np.argpartition``, whose choice among rows tied at the cut-off is its own.
+    otherwise by a partition, keeping the lowest-index rows among those tied at the cut-off.
     ``weighted=False`` says every weight is positive.
     """
     n_init, n = dist.shape
@@ -1020,7 +1020,14 @@ def _farthest(
                 positive = w > 0
             # minus the score (the distance, -inf for rows of no weight), formed in one pass
             neg_all = np.where(positive, -dist[r], np.inf)
-            top = np.argpartition(neg_all, m - 1)[:m] if m < n else np.arange(m)
+            if m < n:
+                # all rows strictly beyond the cut-off, then the lowest-index rows tied at it
+                cut = np.partition(neg_all, m - 1)[m - 1]
+                above = np.flatnonzero(neg_all < cut)
+                tied = np.flatnonzero(neg_all == cut)[: m - len(above)]
+                top = np.concatenate([above, tied])
+            else:
+                top = np.arange(m)
             neg = neg_all[top]
         # order: farthest first, then lowest row index, so ties never depend on chunking
         order = np.lexsort((top, neg))

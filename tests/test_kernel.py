@@ -283,11 +283,6 @@ def test_far_rows_ties_by_lowest_index_when_all_tied() -> None:
     np.testing.assert_array_equal(s.far_index, [[20, 21, 22, 23, 24]])
 
 
-@pytest.mark.xfail(
-    reason="BUG: kernel._farthest picks the top m with np.argpartition, which returns an "
-    "arbitrary subset of the rows tied at the cut-off, not the lowest indices",
-    strict=True,
-)
 def test_far_rows_ties_at_cutoff_broken_by_lowest_index() -> None:
     X = np.ones((50, 1))
     X[-3:] = 2.0  # three rows at distance 4, then 47 rows tied at distance 1
