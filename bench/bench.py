@@ -22,6 +22,13 @@ The data (Gaussian blobs, float32) is generated once, chunk by chunk, into a ``.
 Inertia is computed the same way for every result: the float64 loss of its final means (labels
 from a float64 product, each row's distance to its mean then summed exactly as ``(x - mu)^2``).
 The table is printed and written as JSON to ``bench/results/<timestamp>.json``.
+
+Other modes (``--mode``; each also runs as its own script, see its ``--help``):
+
+* ``--mode e2e`` (bench/e2e.py): Parquet in to labels out, kmeans-gd's CLI against dask-ml;
+* ``--mode scaling`` (bench/scaling.py): seconds per iteration against rows and workers, PNG;
+* ``--mode streaming`` (bench/streaming.py): data several times the workers' memory limit,
+  streamed from Parquet, against one plain pyarrow read.
 """
 
 from __future__ import annotations
@@ -81,6 +88,23 @@ def generate(path: Path, rows: int, dims: int, centers: int, seed: int) -> float
     return time.perf_counter() - started
 
 
+def parquet_data(
+    data_dir: Path, rows: int, dims: int, centers: int, files: int, seed: int
+) -> tuple[Path, float]:
+    """The same kind of blobs as Parquet (columns ``id``, ``x0 .. x{d-1}``, float32), written
+    once with ``pipeline.generate.generate_blobs`` (one row group at a time, bounded memory)
+    into ``data_dir/parquet-<rows>x<dims>-c<centers>-f<files>-s<seed>/`` and reused. Returns
+    the directory and the seconds spent generating it (0 if cached)."""
+    from pipeline.generate import generate_blobs
+
+    path = data_dir / f"parquet-{rows}x{dims}-c{centers}-f{files}-s{seed}"
+    if path.exists():
+        return path, 0.0
+    started = time.perf_counter()
+    generate_blobs(path, rows=rows, dims=dims, centers=centers, files=files, seed=seed)
+    return path, time.perf_counter() - started
+
+
 def initial_means(path: Path, k: int, seed: int) -> np.ndarray:
     """k-means++ (scikit-learn's) on a uniform sample of at most 100 000 rows, float64."""
     from sklearn.cluster import kmeans_plusplus
@@ -98,19 +122,23 @@ def _load_rows(path: str, lo: int, hi: int) -> np.ndarray:
     return np.array(np.load(path, mmap_mode="r")[lo:hi])
 
 
-def persisted_array(client: Any, path: Path, chunk_rows: int) -> tuple[Any, list[int]]:
-    """The rows as a Dask array whose chunks are loaded on the workers, round robin, and held
-    there. Returns the array and how many chunks each worker holds."""
+def persisted_array(
+    client: Any, path: Path, chunk_rows: int, rows: int | None = None
+) -> tuple[Any, list[int]]:
+    """The rows (the first ``rows`` of the file, default all) as a Dask array whose chunks are
+    loaded on the workers, round robin, and held there. Returns the array and how many chunks
+    each worker holds."""
     import dask.array as da
     import distributed
 
     X = np.load(path, mmap_mode="r")
     n, d = X.shape
+    n = n if rows is None else min(rows, n)
     workers = sorted(client.scheduler_info()["workers"])
     futures = [
         client.submit(_load_rows, str(path), lo, min(lo + chunk_rows, n),
                       workers=[workers[i % len(workers)]], allow_other_workers=False,
-                      key=f"bench-rows-{path.stem}-{chunk_rows}-{i}", pure=False)
+                      key=f"bench-rows-{path.stem}-{n}-{chunk_rows}-{i}", pure=False)
         for i, lo in enumerate(range(0, n, chunk_rows))
     ]  # fmt: skip
     distributed.wait(futures)
@@ -180,6 +208,74 @@ class MemorySampler:
         }
 
 
+class ProcessTreeSampler:
+    """Peak RSS of a process (e.g. a ``kmeans-gd fit`` subprocess) and of every descendant,
+    sampled every 50 ms, from outside. Dask worker processes are the ones started through
+    ``multiprocessing.spawn``; counting the distinct ones seen tells whether a worker was
+    restarted (a restarted worker is a new process)."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self._root = psutil.Process(pid)
+        self._interval = interval
+        self._stop = threading.Event()
+        self.peaks: dict[int, int] = {}
+        self.is_worker: dict[int, bool] = {}
+        self.root_peak = 0
+        self.workers_sum_peak = 0
+
+    def _sample(self) -> None:
+        psutil = self._psutil
+        try:
+            procs = [self._root, *self._root.children(recursive=True)]
+        except psutil.Error:
+            return
+        workers_sum = 0
+        for proc in procs:
+            try:
+                rss = proc.memory_info().rss
+                if proc.pid not in self.is_worker:
+                    cmd = " ".join(proc.cmdline())
+                    self.is_worker[proc.pid] = "spawn_main" in cmd and "resource_tracker" not in cmd
+            except psutil.Error:
+                continue
+            self.peaks[proc.pid] = max(self.peaks.get(proc.pid, 0), rss)
+            if proc.pid == self._root.pid:
+                self.root_peak = max(self.root_peak, rss)
+            elif self.is_worker.get(proc.pid):
+                workers_sum += rss
+        self.workers_sum_peak = max(self.workers_sum_peak, workers_sum)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._sample()
+
+    def __enter__(self) -> Self:
+        self._sample()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def worker_peaks(self) -> list[int]:
+        """Peak RSS of every worker process seen, in order of first sighting."""
+        return [self.peaks[pid] for pid, w in self.is_worker.items() if w and pid in self.peaks]
+
+    def as_dict(self) -> dict[str, Any]:
+        mb = 2.0**20
+        return {
+            "main_rss_peak_mb": round(self.root_peak / mb, 1),
+            "workers_rss_peak_mb": round(self.workers_sum_peak / mb, 1),
+            "worker_rss_peaks_mb": [round(p / mb, 1) for p in self.worker_peaks()],
+            "worker_processes_seen": len(self.worker_peaks()),
+        }
+
+
 def _chunk_inertia(X: np.ndarray, centers: np.ndarray) -> float:
     """Float64 loss of ``centers`` over one chunk: nearest mean from a float64 product, then
     the distance to it as the sum of squared differences."""
@@ -199,6 +295,21 @@ def exact_inertia(X: Any, centers: np.ndarray) -> float:
     c = delayed(np.asarray(centers, dtype=np.float64), pure=True)
     parts = [delayed(_chunk_inertia, pure=True)(b, c) for b in X.to_delayed().ravel()]
     return math.fsum(dask.compute(*parts))
+
+
+def exact_inertias(X: Any, centers: dict[str, np.ndarray]) -> dict[str, float]:
+    """``exact_inertia`` of several sets of means in one pass (each chunk read once)."""
+    import dask
+    from dask import delayed
+
+    blocks = X.to_delayed().ravel()
+    parts = {
+        name: [delayed(_chunk_inertia, pure=True)(b, delayed(np.asarray(c, dtype=np.float64)))
+               for b in blocks]
+        for name, c in centers.items()
+    }  # fmt: skip
+    (done,) = dask.compute(parts)
+    return {name: math.fsum(v) for name, v in done.items()}
 
 
 def _matmul_task(X: np.ndarray, C: np.ndarray, block: int, reps: int) -> float:
@@ -402,8 +513,33 @@ def _fmt_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+MODES = {
+    "iter": "per-iteration time against scikit-learn, dask-ml and the floor (this module)",
+    "e2e": "end to end, Parquet in to labels out, kmeans-gd's CLI against dask-ml (bench/e2e.py)",
+    "scaling": "seconds per iteration against rows and workers, table and PNG (bench/scaling.py)",
+    "streaming": "larger than the workers' memory, streamed from Parquet (bench/streaming.py)",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--mode", choices=list(MODES), default="iter")
+    mode, rest = pre.parse_known_args(argv)
+    if mode.mode != "iter":
+        import importlib
+
+        sys.path.insert(0, str(HERE))
+        module = importlib.import_module({"e2e": "e2e", "scaling": "scaling",
+                                          "streaming": "streaming"}[mode.mode])  # fmt: skip
+        return int(module.main(rest) or 0)
+
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="modes: " + "; ".join(f"{m}: {what}" for m, what in MODES.items()),
+    )
+    p.add_argument("--mode", choices=list(MODES), default="iter",
+                   help="iter (default), e2e, scaling or streaming; see each mode's --help")
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--dims", type=int, default=32)
     p.add_argument("--k", type=int, default=64)
