@@ -37,6 +37,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -64,16 +65,19 @@ def kmeans_gd_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "flows.cli"]
 
 
+_ITERATION_LINE = re.compile(r"^iteration (\d+) .*\bseconds ([0-9.]+)\s*$", re.MULTILINE)
+
+
 def run_cli_fit(
     data: Path, out: Path, k: int, extra: list[str], *, env: dict[str, str] | None = None,
-    timeout: float | None = None,
+    timeout: float | None = None, quiet: bool = True,
 ) -> dict[str, Any]:
     """``kmeans-gd fit`` in a subprocess (its own process group), its process tree sampled for
     memory. After ``timeout`` seconds the group is terminated (a stalled fit: paused workers).
     Returns the wall time, exit code, whether it timed out, the tail of stderr/stdout, the
     sampled memory and, if it succeeded, model.json."""
     cmd = [*kmeans_gd_command(), "fit", str(data), str(out), "-k", str(k), "--id-column", "id",
-           "--overwrite", "--no-resume", "--quiet", *extra]  # fmt: skip
+           "--overwrite", "--no-resume", *(["--quiet"] if quiet else []), *extra]  # fmt: skip
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, start_new_session=True)  # fmt: skip
@@ -94,6 +98,8 @@ def run_cli_fit(
         "command": " ".join(cmd), "returncode": proc.returncode, "wall": wall,
         "timed_out": timed_out, "stdout_tail": stdout[-2000:], "stderr_tail": stderr[-4000:],
         "process_tree": tree.as_dict(),
+        # per-iteration lines printed (without --quiet): what a failed fit got through
+        "printed_iterations": [(int(i), float(sec)) for i, sec in _ITERATION_LINE.findall(stdout)],
     }  # fmt: skip
     model = out / "model.json"
     if proc.returncode == 0 and model.exists():

@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
              "--workers", str(args.workers), "--threads-per-worker", "1"]  # fmt: skip
     print("running: kmeans-gd fit ... " + " ".join(extra), flush=True)
     with SpillWatcher(scratch) as spill:
-        r = e2e.run_cli_fit(data, work / "out", args.k, extra, env=env, timeout=args.timeout)
+        r = e2e.run_cli_fit(data, work / "out", args.k, extra, env=env, timeout=args.timeout,
+                            quiet=False)
     r["spilled_peak_bytes"] = spill.peak
     tree = r["process_tree"]
     failures: list[str] = []
@@ -213,6 +214,17 @@ def main(argv: list[str] | None = None) -> int:
         checks["worker_peak_over_limit"] = [rss / limit for rss in peaks.values()]
     else:
         lines.append(f"  kmeans-gd: FAILED after {r['wall']:.1f} s ({failures[0]})")
+        done = r["printed_iterations"]
+        if done:
+            per = [sec for _, sec in done]
+            med = statistics.median(per)
+            lines.append(
+                f"  iterations finished before the failure: {len(done)}, per iteration {med:.3f} s "
+                f"(median; min {min(per):.3f}, max {max(per):.3f}); / plain read = "
+                f"{med / read['seconds']:.2f} (target <= 2)"
+            )
+        else:
+            lines.append("  no iteration finished before the failure")
     sampled = tree["worker_rss_peaks_mb"]
     for i, mb in enumerate(sampled):
         lines.append(f"  worker process {i} peak RSS sampled from outside {mb:8.0f} MiB = "
