@@ -301,22 +301,40 @@ def workers_memory_limit(client: distributed.Client) -> int:
 
 
 def _peak_rss() -> int:
+    # VmHWM is the peak of this process's own address space. ru_maxrss is not: Linux keeps it
+    # across fork and execve, so a worker spawned by a large client process would report the
+    # client's peak.
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
 def workers_peak_memory(client: distributed.Client) -> dict[str, int]:
-    """Peak resident memory of each worker process so far, in bytes (Linux's ru_maxrss)."""
+    """Peak resident memory of each worker process so far, in bytes (Linux's VmHWM)."""
     return {address: int(rss) for address, rss in client.run(_peak_rss).items()}
 
 
 def _rss_with_engine_loaded() -> int:
+    import numpy as np
     import psutil
+    import pyarrow as pa
 
-    import pipeline.kernel  # numba and the kernel are most of a worker's baseline
-    import pipeline.parquet_io  # noqa: F401
+    from pipeline import kernel, parquet_io  # noqa: F401  (numba and the kernel: most of it)
 
+    # What every task starts from, measured once it has happened: loading the compiled kernel
+    # (LLVM, numba's dispatchers) takes about 50 MB more than importing it, and pyarrow's first
+    # conversion to or from NumPy imports pandas' compatibility layer, about 50 MB more again.
+    pa.chunked_array([pa.array(np.zeros(4, dtype=np.float32))]).to_numpy()
+    X = np.zeros((64, 2), dtype=np.float32)
+    kernel.chunk_stats(X, np.ones((1, 2, 2)), previous=np.zeros((1, 2, 2)), n_far=1)
+    kernel.assign_labels(X, np.ones((2, 2)))
     return int(psutil.Process().memory_info().rss)
 
 
@@ -342,6 +360,17 @@ def worker_memory_per_thread(client: distributed.Client) -> int:
     return max(int(min(shares)), 1)
 
 
+#: Memory settings of the embedded cluster's workers. Never spill: a pass reads every row,
+#: so spilled chunks would only be a slower copy of the Parquet files, and streamed chunks
+#: are read again anyway; data that does not fit is streamed instead of persisted
+#: (``passes.choose_cache``) and tasks are sized to the headroom
+#: (:func:`worker_memory_per_thread`). Pausing (80%) and restarting (95%) stay as the guards.
+_WORKER_MEMORY_CONFIG = {
+    "distributed.worker.memory.target": False,
+    "distributed.worker.memory.spill": False,
+}
+
+
 @contextmanager
 def _local_client(spec: LocalClusterSpec) -> Iterator[distributed.Client]:
     n_workers = spec.resolved_n_workers
@@ -360,6 +389,8 @@ def _local_client(spec: LocalClusterSpec) -> Iterator[distributed.Client]:
         cluster_kwargs["memory_limit"] = spec.memory_limit
     with (
         _restored_environ(_pre_spawn_environ_keys()),
+        # the nannies hand this config to the worker processes they start
+        dask.config.set(_WORKER_MEMORY_CONFIG),
         distributed.LocalCluster(**cluster_kwargs) as cluster,
         distributed.Client(cluster) as client,
     ):

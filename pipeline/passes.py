@@ -40,6 +40,12 @@ __all__ = [
 
 T = TypeVar("T")
 
+#: Times a failed task of a pass is rerun before the pass fails. Tasks are pure functions of
+#: their inputs (a label task rewrites its whole file), so a transient failure (a read that
+#: fails once, a worker lost mid-task) costs a recomputation, never a wrong result. With
+#: Dask's local schedulers the option is ignored.
+RETRIES = 2
+
 
 @dataclass(frozen=True)
 class DaskData:
@@ -89,7 +95,7 @@ class DaskData:
     def persist(self) -> DaskData:
         """Hold the rows (and their squared norms) in the workers' memory."""
         xsq = self.X.map_blocks(kernel.row_sq_norms, drop_axis=1, dtype=np.float64)
-        X, weights, xsq = dask.persist(self.X, self.weights, xsq)
+        X, weights, xsq = dask.persist(self.X, self.weights, xsq, retries=RETRIES)
         return replace(self, X=X, weights=weights, xsq=xsq)
 
 
@@ -195,7 +201,7 @@ def gather_rows(data: DaskData, index: np.ndarray) -> tuple[np.ndarray, np.ndarr
         lo, hi = np.searchsorted(index, [bounds[i], bounds[i + 1]])
         if hi > lo:
             parts.append(delayed(_take_rows, pure=True)(x, w, index[lo:hi] - bounds[i]))
-    (taken,) = dask.compute(parts)
+    (taken,) = dask.compute(parts, retries=RETRIES)
     d = data.n_features
     rows = np.concatenate([t[0] for t in taken]) if taken else np.empty((0, d))
     if data.weights is None:
@@ -236,7 +242,7 @@ def stats_pass(
         delayed(_chunk_stats_task, pure=True)(x, w, q, centers_key, previous_key, off, n_far)
         for x, w, q, off in data.blocks()
     ]
-    (total,) = dask.compute(tree_reduce(parts, kernel.combine_stats))
+    (total,) = dask.compute(tree_reduce(parts, kernel.combine_stats), retries=RETRIES)
     return total
 
 
@@ -247,7 +253,8 @@ def _label_file_task(
     dtype: Any,
     out_dir: str,
 ) -> ChunkStats:
-    """Label one input file chunk by chunk and write it; return its counts and loss."""
+    """Label one input file in bounded batches, appending each to its output file as it goes;
+    return the file's counts and loss."""
     k, d = centers.shape
     stats = ChunkStats(
         sums=np.zeros((1, k, d)), counts=np.zeros((1, k)), loss=np.zeros(1),
@@ -255,16 +262,14 @@ def _label_file_task(
         far_rows=np.zeros((1, 0, d)), far_index=np.zeros((1, 0), dtype=np.int64),
     )  # fmt: skip
     with parquet_io.LabelledFileWriter(dataset, file_index, out_dir) as writer:
-        for chunk in dataset.chunks:
-            if chunk.file_index != file_index:
-                continue
-            X, weights, passthrough = parquet_io.read_chunk(dataset, chunk, dtype, passthrough=True)
+        for X, weights, passthrough in parquet_io.iter_labelled_batches(dataset, file_index, dtype):
             labels, dist = kernel.assign_labels(X, centers)
+            del X
             writer.write(passthrough, labels, dist)
-            w = np.ones(len(X)) if weights is None else weights
+            w = np.ones(len(labels)) if weights is None else weights
             stats.counts[0] += np.bincount(labels, weights=w, minlength=k)
             stats.loss[0] += float(np.dot(w, dist))
-            stats.n_rows += len(X)
+            stats.n_rows += len(labels)
     return stats
 
 
@@ -272,14 +277,19 @@ def label_files(
     dataset: parquet_io.ParquetDataset, centers: np.ndarray, out_dir: str, dtype: Any = "float32"
 ) -> ChunkStats:
     """The final pass: write one labelled Parquet file per input file, in parallel on the
-    workers, and return the cluster sizes and inertia of ``centers`` over all rows."""
+    workers, and return the cluster sizes and inertia of ``centers`` over all rows.
+
+    Each file is streamed in bounded batches (``parquet_io.iter_labelled_batches``) and written
+    incrementally, so a worker's memory does not grow with the size of a file or a row group.
+    A task that fails is rerun (``RETRIES``) and rewrites its whole output file.
+    """
     os.makedirs(out_dir, exist_ok=True)
     centers_key = delayed(np.asarray(centers, dtype=np.float64), pure=True)
     parts = [
         delayed(_label_file_task, pure=False)(dataset, i, centers_key, np.dtype(dtype), out_dir)
         for i in range(len(dataset.files))
     ]
-    (total,) = dask.compute(tree_reduce(parts, kernel.combine_stats))
+    (total,) = dask.compute(tree_reduce(parts, kernel.combine_stats), retries=RETRIES)
     return total
 
 

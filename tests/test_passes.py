@@ -96,19 +96,19 @@ def test_data_from_parquet_reads_nothing_until_computed(
 ) -> None:
     write_split(tmp_path / "in", blobs(n=30, d=2, k=2), [10], row_group_rows=4)
     ds = open_parquet(tmp_path / "in", chunk_bytes=1)
-    reads: list[tuple[str, tuple[int, ...]]] = []
-    real = parquet_io._read_table
+    reads: list[str] = []
+    real = parquet_io._open_parquet_file
 
-    def counting(dataset, chunk, columns):
-        reads.append((os.path.basename(chunk.path), chunk.row_groups))
-        return real(dataset, chunk, columns)
+    def counting(dataset, path):
+        reads.append(os.path.basename(path))
+        return real(dataset, path)
 
-    monkeypatch.setattr(parquet_io, "_read_table", counting)
+    monkeypatch.setattr(parquet_io, "_open_parquet_file", counting)
     with dask.config.set(scheduler="sync"):
         data = data_from_parquet(ds)
         assert reads == []
         data.X[:3].compute()  # only the first chunk is needed
-        assert reads == [("part-000.parquet", (0,))]
+        assert reads == ["part-000.parquet"]
 
 
 def test_non_finite_feature_raises_through_dask(tmp_path: Path, dask_client) -> None:
