@@ -112,6 +112,11 @@ class ParquetDataset:
         chunks = _plan_chunks(self.files, self.row_groups, row_bytes, chunk_bytes)
         return dataclasses.replace(self, chunks=chunks)
 
+    def for_tasks(self) -> ParquetDataset:
+        """The plan without its chunk list and row group sizes, which grow with the data: what
+        a task that is told its chunk or file needs, small enough to travel with every task."""
+        return dataclasses.replace(self, chunks=(), row_groups=())
+
     def chunk_sizes(self) -> tuple[int, ...]:
         return tuple(chunk.n_rows for chunk in self.chunks)
 

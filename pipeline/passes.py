@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any, TypeVar
 
 import dask
@@ -65,6 +66,11 @@ class DaskData:
     weights: da.Array | None = None
     xsq: da.Array | None = None
     source: parquet_io.ParquetDataset | None = None
+    #: Per chunk, the delayed (X block, weights block or None) straight from their read tasks:
+    #: each block's graph is its own read, not the whole array's.
+    read_blocks: tuple[tuple[Delayed, Delayed | None], ...] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     @property
     def n_rows(self) -> int:
@@ -82,21 +88,41 @@ class DaskData:
     def nbytes(self) -> int:
         return int(self.X.nbytes)
 
+    @property
+    def streamed(self) -> bool:
+        """Whether every pass reads the chunks from Parquet (not persisted)."""
+        return self.read_blocks is not None
+
     def blocks(self) -> list[tuple[Any, Any, Any, int]]:
-        """Per chunk: (X block, weights block or None, xsq block or None, row offset)."""
+        """Per chunk: (X block, weights block or None, xsq block or None, row offset).
+
+        Built once per :class:`DaskData` and reused by every pass: ``to_delayed`` on an array
+        of many chunks costs milliseconds per pass, and a block taken from the concatenated
+        array drags the whole array's graph into every task of the pass (graph work that grew
+        with the square of the number of chunks).
+        """
+        return list(self._blocks)
+
+    @cached_property
+    def _blocks(self) -> tuple[tuple[Any, Any, Any, int], ...]:
+        if self.read_blocks is not None and self.xsq is None:
+            return tuple(
+                (x, w, None, off)
+                for (x, w), off in zip(self.read_blocks, self.offsets, strict=True)
+            )
         xs = self.X.to_delayed().ravel().tolist()
         ws = self.weights.to_delayed().ravel().tolist() if self.weights is not None else None
         qs = self.xsq.to_delayed().ravel().tolist() if self.xsq is not None else None
-        return [
+        return tuple(
             (x, None if ws is None else ws[i], None if qs is None else qs[i], off)
             for i, (x, off) in enumerate(zip(xs, self.offsets, strict=True))
-        ]
+        )
 
     def persist(self) -> DaskData:
         """Hold the rows (and their squared norms) in the workers' memory."""
         xsq = self.X.map_blocks(kernel.row_sq_norms, drop_axis=1, dtype=np.float64)
         X, weights, xsq = dask.persist(self.X, self.weights, xsq, retries=RETRIES)
-        return replace(self, X=X, weights=weights, xsq=xsq)
+        return replace(self, X=X, weights=weights, xsq=xsq, read_blocks=None)
 
 
 def data_from_array(X: Any, sample_weight: Any = None, dtype: Any = None) -> DaskData:
@@ -143,9 +169,12 @@ def data_from_parquet(dataset: parquet_io.ParquetDataset, dtype: Any = "float32"
     d = dataset.n_features
     token = dask.base.tokenize(dataset.files, dataset.file_rows, dataset.features, str(dtype),
                                dataset.weight_column, [c.row_groups for c in dataset.chunks])
+    # every read task carries the plan without its chunk list: the list grows with the data,
+    # and one copy of it per task made the graph grow with the square of the chunks
+    slim = dataset.for_tasks()
     parts = [
         delayed(parquet_io.read_chunk, pure=True, nout=2)(
-            dataset, chunk, dtype, dask_key_name=f"read-parquet-{token}-{i}"
+            slim, chunk, dtype, dask_key_name=f"read-parquet-{token}-{i}"
         )
         for i, chunk in enumerate(dataset.chunks)
     ]
@@ -160,7 +189,8 @@ def data_from_parquet(dataset: parquet_io.ParquetDataset, dtype: Any = "float32"
                 for p, c in zip(parts, dataset.chunks, strict=True)
             ]
         )
-    return DaskData(X=X, weights=weights, source=dataset)
+    read_blocks = tuple((p[0], None if weights is None else p[1]) for p in parts)
+    return DaskData(X=X, weights=weights, source=dataset, read_blocks=read_blocks)
 
 
 def tree_reduce(parts: Sequence[Delayed], combine: Callable[[T, T], T], split_every: int = 8) -> Delayed:
@@ -285,8 +315,9 @@ def label_files(
     """
     os.makedirs(out_dir, exist_ok=True)
     centers_key = delayed(np.asarray(centers, dtype=np.float64), pure=True)
+    slim = dataset.for_tasks()
     parts = [
-        delayed(_label_file_task, pure=False)(dataset, i, centers_key, np.dtype(dtype), out_dir)
+        delayed(_label_file_task, pure=False)(slim, i, centers_key, np.dtype(dtype), out_dir)
         for i in range(len(dataset.files))
     ]
     (total,) = dask.compute(tree_reduce(parts, kernel.combine_stats), retries=RETRIES)
