@@ -23,6 +23,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 __all__ = [
     "Chunk",
@@ -353,6 +354,11 @@ def _use_system_allocator() -> None:
 def _open_parquet_file(dataset: ParquetDataset, path: str) -> Iterator[pq.ParquetFile]:
     _use_system_allocator()
     # pre_buffer=False: coalescing the reads would hold a chunk's compressed pages all at once
+    if isinstance(dataset.fs, LocalFileSystem) and type(dataset.fs)._open is LocalFileSystem._open:
+        # Arrow's own file reads without a Python file object in between (the GIL per read)
+        with pa.OSFile(path, "rb") as handle:
+            yield pq.ParquetFile(handle, pre_buffer=False)
+        return
     with dataset.fs.open(path, "rb") as handle:
         yield pq.ParquetFile(handle, pre_buffer=False)
 
