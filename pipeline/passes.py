@@ -71,6 +71,9 @@ class DaskData:
     read_blocks: tuple[tuple[Delayed, Delayed | None], ...] | None = field(
         default=None, repr=False, compare=False
     )
+    #: Per chunk, (plan for tasks, chunk, dtype) of streamed data: a pass reads and reduces
+    #: a chunk in one task (a third of the tasks of read, take and reduce).
+    read_specs: tuple[tuple[Any, Any, Any], ...] | None = field(default=None, repr=False, compare=False)
 
     @property
     def n_rows(self) -> int:
@@ -122,7 +125,7 @@ class DaskData:
         """Hold the rows (and their squared norms) in the workers' memory."""
         xsq = self.X.map_blocks(kernel.row_sq_norms, drop_axis=1, dtype=np.float64)
         X, weights, xsq = dask.persist(self.X, self.weights, xsq, retries=RETRIES)
-        return replace(self, X=X, weights=weights, xsq=xsq, read_blocks=None)
+        return replace(self, X=X, weights=weights, xsq=xsq, read_blocks=None, read_specs=None)
 
 
 def data_from_array(X: Any, sample_weight: Any = None, dtype: Any = None) -> DaskData:
@@ -190,7 +193,10 @@ def data_from_parquet(dataset: parquet_io.ParquetDataset, dtype: Any = "float32"
             ]
         )
     read_blocks = tuple((p[0], None if weights is None else p[1]) for p in parts)
-    return DaskData(X=X, weights=weights, source=dataset, read_blocks=read_blocks)
+    read_specs = tuple((slim, chunk, dtype) for chunk in dataset.chunks)
+    return DaskData(
+        X=X, weights=weights, source=dataset, read_blocks=read_blocks, read_specs=read_specs
+    )
 
 
 def tree_reduce(parts: Sequence[Delayed], combine: Callable[[T, T], T], split_every: int = 8) -> Delayed:
@@ -255,6 +261,19 @@ def _chunk_stats_task(
     )
 
 
+def _read_chunk_stats_task(
+    spec: tuple[Any, Any, Any],
+    centers: np.ndarray,
+    previous: np.ndarray | None,
+    offset: int,
+    n_far: int,
+) -> ChunkStats:
+    X, weights = parquet_io.read_chunk(*spec)
+    return kernel.chunk_stats(
+        X, centers, weights=weights, previous=previous, offset=offset, n_far=n_far
+    )
+
+
 def stats_pass(
     data: DaskData,
     centers: np.ndarray,
@@ -268,10 +287,16 @@ def stats_pass(
     """
     centers_key = delayed(np.asarray(centers, dtype=np.float64), pure=True)
     previous_key = None if previous is None else delayed(np.asarray(previous), pure=True)
-    parts = [
-        delayed(_chunk_stats_task, pure=True)(x, w, q, centers_key, previous_key, off, n_far)
-        for x, w, q, off in data.blocks()
-    ]
+    if data.read_specs is not None and data.xsq is None:
+        parts = [
+            delayed(_read_chunk_stats_task, pure=False)(spec, centers_key, previous_key, off, n_far)
+            for spec, off in zip(data.read_specs, data.offsets, strict=True)
+        ]
+    else:
+        parts = [
+            delayed(_chunk_stats_task, pure=True)(x, w, q, centers_key, previous_key, off, n_far)
+            for x, w, q, off in data.blocks()
+        ]
     (total,) = dask.compute(tree_reduce(parts, kernel.combine_stats), retries=RETRIES)
     return total
 
