@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--features", type=_feature_list, help="feature columns, comma separated")
     fit.add_argument("--id-column", help="id column: never a feature, copied to the labels")
     fit.add_argument("--weight-column", help="sample weight column (>= 0)")
-    fit.add_argument("--init", default="k-means++", help="k-means++ (default) or random")
+    fit.add_argument("--init", default="k-means++", help="k-means|| (over all rows), k-means++ (default, on a sample) or random")
     fit.add_argument("--n-init", type=int, default=1, help="restarts evaluated together (default 1)")
     fit.add_argument("--max-iter", type=int, default=100, help="most iterations (default 100)")
     fit.add_argument("--tol", type=float, default=1e-4, help="relative loss decrease to stop at (default 1e-4)")

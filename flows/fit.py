@@ -86,7 +86,7 @@ def kmeans_fit(
     features: list[str] | None = None,
     id_column: str | None = None,
     weight_column: str | None = None,
-    init: Literal["k-means++", "random"] = "k-means++",
+    init: Literal["k-means||", "k-means++", "random"] = "k-means++",
     n_init: Annotated[int, Field(ge=1, le=100)] = 1,
     max_iter: Annotated[int, Field(ge=1, le=100_000)] = 100,
     tol: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1e-4,
@@ -109,7 +109,7 @@ def kmeans_fit(
         features: Feature columns (default: every numeric column but the id and weight columns).
         id_column: Id column, never a feature; copied to the labels.
         weight_column: Sample weight column (>= 0).
-        init: Initialisation.
+        init: Initialisation: k-means|| over all rows, k-means++ on a sample, or random rows.
         n_init: Restarts, all evaluated in the same pass over the data.
         max_iter: Most iterations (passes over the data).
         tol: Stop when the relative loss decrease falls below this.

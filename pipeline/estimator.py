@@ -15,7 +15,7 @@ from .passes import DaskData, data_from_array, stats_pass
 
 __all__ = ["KMeans", "initial_centers", "validate_n_clusters"]
 
-INIT_METHODS = ("k-means++", "random")
+INIT_METHODS = ("k-means||", "k-means++", "random")
 
 
 def _check_number(name: str, value: Any, *, low: float, high: float | None = None,
@@ -46,7 +46,8 @@ def initial_centers(
 ) -> np.ndarray:
     """Initial means for ``n_init`` restarts, shape (n_init, k, d).
 
-    ``k-means++`` and ``random`` work on one uniform sample of rows (one pass over the chunks
+    ``k-means||`` runs over all rows (one pass per round); ``k-means++`` and ``random`` work
+    on one uniform sample of rows (one pass over the chunks
     that hold them); each restart draws from it with its own seed derived from ``seed``.
     """
     d = data.n_features
@@ -62,6 +63,8 @@ def initial_centers(
         return np.repeat(centers[None], n_init, axis=0)
     if init not in INIT_METHODS:
         raise ValueError(f"init={init!r} should be one of {', '.join(INIT_METHODS)} or an array.")
+    if init == "k-means||":
+        return initialization.kmeans_parallel(data, n_clusters, seed=seed, n_init=n_init)
     size = sample_size or max(10_000, 50 * n_clusters)
     rows, weights = initialization.sample_rows(data, size, seed)
     seeds = np.random.SeedSequence(seed).generate_state(n_init)
@@ -83,8 +86,11 @@ class KMeans:
     ----------
     n_clusters : int, default=8
         Number of means.
-    init : {'k-means++', 'random'} or array of shape (n_clusters, n_features), default='k-means++'
-        'k-means++': greedy k-means++ on a uniform sample of rows; 'random': random rows.
+    init : {'k-means||', 'k-means++', 'random'} or array of shape (n_clusters, n_features), \
+default='k-means++'
+        'k-means||': Bahmani et al.'s scalable k-means++ over all rows (5 rounds, 2k candidates
+        per round, weighted reclustering); 'k-means++': greedy k-means++ on a uniform sample of
+        rows; 'random': random rows.
     n_init : int, default=1
         Restarts, evaluated together: one pass per iteration serves all of them.
     max_iter : int, default=300

@@ -185,6 +185,23 @@ def test_quiet_overwrite_replaces_the_output(
     assert [n for n in os.listdir(workdir) if n.startswith(".") or "checkpoint" in n] == []
 
 
+def test_fit_with_kmeans_parallel_init(
+    workdir: Path, generated: Path, cli_env: dict[str, str], dask_client: Any,
+) -> None:  # fmt: skip
+    output = workdir / "out-kmeans-parallel"
+    proc = run(
+        ["fit", generated, output, "-k", 5, "--id-column", "id", "--init", "k-means||", "--quiet",
+         "--scheduler", dask_client.scheduler.address],
+        cli_env, workdir,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    files = [generated / name for name in _parquet_names(generated)]
+    model = check_fit_output(output, files, k=5, features=["x0", "x1", "x2"])
+    assert model["parameters"]["init"] == "k-means||"
+    # five well separated blobs: every one gets a mean, none is empty
+    assert min(model["cluster_sizes"]) > 300
+
+
 def test_predict_labels_equal_the_fit_labels(
     workdir: Path, cli_fit: tuple[subprocess.CompletedProcess[str], Path], generated: Path,
     cli_env: dict[str, str], dask_client: Any,

@@ -182,6 +182,17 @@ def test_chunking_does_not_change_the_result(dask_client) -> None:
     assert small.n_iter_ == large.n_iter_
 
 
+def test_kmeans_parallel_init_finds_every_blob() -> None:
+    X = blobs(n=3000, d=3, k=5, seed=8, spread=0.5)
+    chunked = da.from_array(X, chunks=(401, 3))
+    km = KMeans(5, init="k-means||", n_init=2, random_state=3).fit(chunked)
+    truth = SKKMeans(5, n_init=10, random_state=0).fit(X)
+    assert km.inertia_ == pytest.approx(truth.inertia_, rel=1e-6)
+    assert len(km.restarts_) == 2
+    again = KMeans(5, init="k-means||", n_init=2, random_state=3).fit(X)
+    np.testing.assert_allclose(again.cluster_centers_, km.cluster_centers_, rtol=1e-6)
+
+
 @pytest.mark.parametrize("init", ["k-means++", "random"])
 def test_initial_centers(init: str) -> None:
     X = blobs(n=600, d=2, k=4, seed=15)
