@@ -424,7 +424,7 @@ X_SMALL = np.arange(20.0).reshape(10, 2)
             {"init": "bogus"},
             X_SMALL,
             ValueError,
-            "init='bogus' should be one of k-means++, random",
+            "init='bogus' should be one of k-means||, k-means++, random",
         ),
         (
             {"n_clusters": 2, "init": np.zeros((3, 2))},
