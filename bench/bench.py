@@ -158,7 +158,33 @@ def persisted_array(
 # ------------------------------------------------------------------------------------------
 
 
-class MemorySampler:
+class Poller:
+    """Calls ``_sample`` on a thread every ``interval`` seconds while the ``with`` block runs,
+    and once at each end, so that a peak is never missed at the edges."""
+
+    interval = 0.02
+
+    def _sample(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> Self:
+        self._stop = threading.Event()
+        self._sample()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+class MemorySampler(Poller):
     """Peak RSS of this process and of the worker processes, sampled every 20 ms."""
 
     def __init__(self, worker_pids: list[int]) -> None:
@@ -167,7 +193,6 @@ class MemorySampler:
         self._gone = psutil.Error
         self._main = psutil.Process()
         self._workers = [psutil.Process(p) for p in worker_pids]
-        self._stop = threading.Event()
         self.main_peak = 0
         self.workers_peak = 0  # largest sum over workers at one instant
         self.worker_peaks = [0] * len(self._workers)
@@ -184,21 +209,6 @@ class MemorySampler:
             total += rss
         self.workers_peak = max(self.workers_peak, total)
 
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            self._sample()
-
-    def __enter__(self) -> Self:
-        self._sample()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-
     def as_dict(self) -> dict[str, float]:
         mb = 2.0**20
         return {
@@ -208,7 +218,7 @@ class MemorySampler:
         }
 
 
-class ProcessTreeSampler:
+class ProcessTreeSampler(Poller):
     """Peak RSS of a process (e.g. a ``kmeans-gd fit`` subprocess) and of every descendant,
     sampled every 50 ms, from outside. Dask worker processes are the ones started through
     ``multiprocessing.spawn``; counting the distinct ones seen tells whether a worker was
@@ -219,8 +229,7 @@ class ProcessTreeSampler:
 
         self._psutil = psutil
         self._root = psutil.Process(pid)
-        self._interval = interval
-        self._stop = threading.Event()
+        self.interval = interval
         self.peaks: dict[int, int] = {}
         self.is_worker: dict[int, bool] = {}
         self.root_peak = 0
@@ -247,20 +256,6 @@ class ProcessTreeSampler:
             elif self.is_worker.get(proc.pid):
                 workers_sum += rss
         self.workers_sum_peak = max(self.workers_sum_peak, workers_sum)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self._sample()
-
-    def __enter__(self) -> Self:
-        self._sample()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
     def worker_peaks(self) -> list[int]:
         """Peak RSS of every worker process seen, in order of first sighting."""

@@ -35,10 +35,9 @@ import os
 import shutil
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -53,14 +52,15 @@ import bench as core  # bench/bench.py
 MiB = 2.0**20
 
 
-class SpillWatcher:
+class SpillWatcher(core.Poller):
     """Peak total size of the files in the Dask workers' spill directories (``storage`` under
     each worker's directory in ``root``), polled every 0.2 s."""
+
+    interval = 0.2
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.peak = 0
-        self._stop = threading.Event()
 
     def _size(self) -> int:
         total = 0
@@ -74,18 +74,8 @@ class SpillWatcher:
                     pass
         return total
 
-    def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            self.peak = max(self.peak, self._size())
-
-    def __enter__(self) -> Self:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    def _sample(self) -> None:
+        self.peak = max(self.peak, self._size())
 
 
 def plain_read(files: list[Path], columns: list[str], reps: int) -> dict[str, Any]:
