@@ -3,19 +3,39 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
+import os
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import dask.array as da
 import numpy as np
 
 from . import initialization, kernel, optimizer
-from .fit import FitResult, FitState, IterationReport, fit_means
+from .fit import FitResult, FitState, fit_means
+from .minibatch import fit_minibatch
+from .model import read_init_centers
 from .passes import DaskData, data_from_array, stats_pass
 
-__all__ = ["KMeans", "initial_centers", "validate_n_clusters"]
+__all__ = [
+    "INIT_METHODS",
+    "STEPS",
+    "KMeans",
+    "check_init",
+    "init_sample_size",
+    "initial_centers",
+    "resolve_init",
+    "validate_n_clusters",
+]
 
-INIT_METHODS = ("k-means||", "k-means++", "random")
+#: Initialisation methods by name; ``init`` may also be an array or the path of a warm start.
+INIT_METHODS = ("auto", "k-means||", "k-means++", "random")
+
+#: Step rules by name: the full-batch rules of ``optimizer`` and mini-batch.
+STEPS = ("newton", "damped", "fixed", "minibatch")
+
+#: Rows per mini-batch when ``batch_size`` is not given.
+DEFAULT_BATCH_SIZE = 1_000_000
 
 
 def _check_number(name: str, value: Any, *, low: float, high: float | None = None,
@@ -35,23 +55,62 @@ def validate_n_clusters(n_clusters: int, n_samples: int) -> None:
         raise ValueError(f"n_samples={n_samples} should be >= n_clusters={n_clusters}.")
 
 
+def init_sample_size(n_clusters: int, sample_size: int | None = None) -> int:
+    """Rows sampled for k-means++ and random initialisation."""
+    return sample_size or max(10_000, 50 * n_clusters)
+
+
+def resolve_init(
+    init: str | os.PathLike[str] | np.ndarray, n_rows: int, n_clusters: int,
+    sample_size: int | None = None,
+) -> str:
+    """The initialisation ``init`` stands for: ``auto`` is k-means|| unless every row fits in
+    the k-means++ sample (k-means++ then sees all rows, in one pass); ``warm-start`` for a
+    path, ``given`` for an array."""
+    if isinstance(init, str) and init in INIT_METHODS:
+        if init == "auto":
+            small = n_rows <= init_sample_size(n_clusters, sample_size)
+            return "k-means++" if small else "k-means||"
+        return init
+    if isinstance(init, str | os.PathLike):
+        return "warm-start"
+    return "given"
+
+
+def check_init(init: Any) -> None:
+    """Refuse an ``init`` that is a string but neither a method nor an existing path."""
+    if isinstance(init, str) and init in INIT_METHODS:
+        return
+    if isinstance(init, str | os.PathLike) and not os.path.exists(init):
+        raise ValueError(
+            f"init={os.fspath(init)!r} should be one of {', '.join(INIT_METHODS)}, an array, or"
+            " the path of a model.json or a Parquet file of centres."
+        )
+
+
 def initial_centers(
     data: DaskData,
     n_clusters: int,
     *,
-    init: str | np.ndarray = "k-means++",
+    init: str | os.PathLike[str] | np.ndarray = "auto",
     n_init: int = 1,
     seed: int = 0,
     sample_size: int | None = None,
+    oversampling: float = 2.0,
+    rounds: int = 5,
+    features: Sequence[str] | None = None,
 ) -> np.ndarray:
     """Initial means for ``n_init`` restarts, shape (n_init, k, d).
 
-    ``k-means||`` runs over all rows (one pass per round); ``k-means++`` and ``random`` work
-    on one uniform sample of rows (one pass over the chunks
-    that hold them); each restart draws from it with its own seed derived from ``seed``.
+    ``k-means||`` runs over all rows (one pass per round, ``oversampling * k`` candidates
+    expected per round); ``k-means++`` and ``random`` work on one uniform sample of rows (one
+    pass over the chunks that hold them); each restart draws with its own seed derived from
+    ``seed``. An array or a path (``model.json`` or a Parquet file of centres, columns named
+    by ``features``) gives the same means to every restart.
     """
     d = data.n_features
-    if not isinstance(init, str):
+    method = resolve_init(init, data.n_rows, n_clusters, sample_size)
+    if method == "given":
         centers = np.asarray(init, dtype=np.float64)
         if centers.shape != (n_clusters, d):
             raise ValueError(
@@ -61,17 +120,22 @@ def initial_centers(
         if not np.isfinite(centers).all():
             raise ValueError("init holds NaN or infinite values.")
         return np.repeat(centers[None], n_init, axis=0)
-    if init not in INIT_METHODS:
-        raise ValueError(f"init={init!r} should be one of {', '.join(INIT_METHODS)} or an array.")
-    if init == "k-means||":
-        return initialization.kmeans_parallel(data, n_clusters, seed=seed, n_init=n_init)
-    size = sample_size or max(10_000, 50 * n_clusters)
-    rows, weights = initialization.sample_rows(data, size, seed)
-    seeds = np.random.SeedSequence(seed).generate_state(n_init)
-    method: Callable[..., np.ndarray] = (
-        initialization.kmeans_plusplus if init == "k-means++" else initialization.random_rows
+    if method == "warm-start":
+        check_init(init)
+        centers = read_init_centers(os.fspath(init), n_clusters, features, d)  # type: ignore[arg-type]
+        return np.repeat(centers[None], n_init, axis=0)
+    if method == "k-means||":
+        return initialization.kmeans_parallel(
+            data, n_clusters, seed=seed, n_init=n_init, oversampling=oversampling, rounds=rounds
+        )
+    rows, weights = initialization.sample_rows(
+        data, init_sample_size(n_clusters, sample_size), seed
     )
-    return np.stack([method(rows, weights, n_clusters, int(s)) for s in seeds])
+    seeds = np.random.SeedSequence(seed).generate_state(n_init)
+    pick: Callable[..., np.ndarray] = (
+        initialization.kmeans_plusplus if method == "k-means++" else initialization.random_rows
+    )
+    return np.stack([pick(rows, weights, n_clusters, int(s)) for s in seeds])
 
 
 class KMeans:
@@ -86,31 +150,47 @@ class KMeans:
     ----------
     n_clusters : int, default=8
         Number of means.
-    init : {'k-means||', 'k-means++', 'random'} or array of shape (n_clusters, n_features), \
-default='k-means++'
-        'k-means||': Bahmani et al.'s scalable k-means++ over all rows (5 rounds, 2k candidates
-        per round, weighted reclustering); 'k-means++': greedy k-means++ on a uniform sample of
-        rows; 'random': random rows.
+    init : {'auto', 'k-means||', 'k-means++', 'random'}, array of shape (n_clusters, \
+n_features) or path, default='auto'
+        'k-means||': Bahmani et al.'s scalable k-means++ over all rows (``init_rounds`` rounds,
+        about ``oversampling * n_clusters`` candidates per round, weighted reclustering);
+        'k-means++': greedy k-means++ on a uniform sample of ``init_sample_size`` rows;
+        'random': random rows; 'auto': k-means|| unless every row fits in that sample, then
+        k-means++. A path is a warm start: a ``model.json`` of an earlier fit or a Parquet
+        file of ``n_clusters`` centres.
     n_init : int, default=1
-        Restarts, evaluated together: one pass per iteration serves all of them.
+        Restarts, evaluated together: one pass per iteration serves all of them. Ignored for a
+        given array or path (one start).
     max_iter : int, default=300
-        Most iterations (passes over the data).
+        Most iterations (passes over the data; batches for 'minibatch').
     tol : float, default=1e-4
         Stop when the relative loss decrease, or the squared centre shift relative to the mean
-        feature variance, falls below ``tol``; also stops when no label changes.
+        feature variance, falls below ``tol``; also stops when no label changes. For
+        'minibatch', the relative improvement of the smoothed batch loss that counts.
     random_state : int or None, default=None
         Seed of every random choice; None draws one (see ``random_state_``).
-    step : {'newton', 'damped', 'fixed'}, default='newton'
+    step : {'newton', 'damped', 'fixed', 'minibatch'}, default='newton'
         'newton': step ``1/(2 n_j)`` (Lloyd's update); 'damped': ``alpha/(2 n_j)``; 'fixed': one
-        ``learning_rate`` on the gradient of the mean loss.
+        ``learning_rate`` on the gradient of the mean loss; 'minibatch': Sculley's per-centre
+        rates ``1/v_j`` on random batches of about ``batch_size`` rows (whole chunks), then
+        one full pass for the inertia.
     learning_rate : float, optional
         Step of the 'fixed' rule (default 0.1).
     alpha : float, optional
         Fraction of the Newton step for 'damped' (default 0.5).
+    batch_size : int, optional
+        Rows per batch for 'minibatch' (default 1,000,000; at least one chunk).
+    patience : int, default=10
+        'minibatch' stops after this many batches without improvement of the smoothed loss.
+    oversampling : float, default=2.0
+        k-means||: expected candidates per round, as a multiple of ``n_clusters``.
+    init_rounds : int, default=5
+        k-means||: sampling rounds, one pass over the data each.
     init_sample_size : int, optional
-        Rows sampled for initialisation (default ``max(10000, 50 * n_clusters)``).
+        Rows sampled for k-means++ and random (default ``max(10000, 50 * n_clusters)``).
     on_iteration : callable, optional
-        Called with an ``IterationReport`` after each iteration.
+        Called after each iteration with an ``IterationReport`` (a ``MinibatchReport`` for
+        'minibatch').
 
     Attributes
     ----------
@@ -120,11 +200,14 @@ default='k-means++'
     n_iter_ : int
     history_ : list of dict
         Per iteration: loss, relative change, changed labels, gradient norm, cluster sizes,
-        seconds.
+        seconds ('minibatch': batch loss, smoothed loss, rows read).
     stop_reason_ : str
-        One of 'no-label-changed', 'loss-tol', 'center-shift', 'max-iter'.
+        One of 'no-label-changed', 'loss-tol', 'center-shift', 'max-iter'; 'minibatch':
+        'no-improvement' or 'max-iter'.
     restarts_ : list of dict
         Inertia, iterations and stop reason of every restart.
+    init_ : str
+        The initialisation used: 'k-means||', 'k-means++', 'random', 'given' or 'warm-start'.
     random_state_ : int
         The seed used.
 
@@ -145,7 +228,7 @@ default='k-means++'
         self,
         n_clusters: int = 8,
         *,
-        init: str | np.ndarray = "k-means++",
+        init: str | os.PathLike[str] | np.ndarray = "auto",
         n_init: int = 1,
         max_iter: int = 300,
         tol: float = 1e-4,
@@ -153,8 +236,12 @@ default='k-means++'
         step: str = "newton",
         learning_rate: float | None = None,
         alpha: float | None = None,
+        batch_size: int | None = None,
+        patience: int = 10,
+        oversampling: float = 2.0,
+        init_rounds: int = 5,
         init_sample_size: int | None = None,
-        on_iteration: Callable[[IterationReport], None] | None = None,
+        on_iteration: Callable[[Any], None] | None = None,
     ) -> None:
         self.n_clusters = n_clusters
         self.init = init
@@ -165,10 +252,15 @@ default='k-means++'
         self.step = step
         self.learning_rate = learning_rate
         self.alpha = alpha
+        self.batch_size = batch_size
+        self.patience = patience
+        self.oversampling = oversampling
+        self.init_rounds = init_rounds
         self.init_sample_size = init_sample_size
         self.on_iteration = on_iteration
 
-    def _validate_params(self) -> optimizer.StepRule:
+    def _validate_params(self) -> optimizer.StepRule | None:
+        """Check every parameter; the step rule, or None for 'minibatch'."""
         _check_number("n_clusters", self.n_clusters, low=1, integer=True)
         _check_number("n_init", self.n_init, low=1, integer=True)
         _check_number("max_iter", self.max_iter, low=1, integer=True)
@@ -177,10 +269,21 @@ default='k-means++'
             _check_number("random_state", self.random_state, low=0, high=2**32 - 1, integer=True)
         if self.init_sample_size is not None:
             _check_number("init_sample_size", self.init_sample_size, low=1, integer=True)
-        if isinstance(self.init, str) and self.init not in INIT_METHODS:
-            raise ValueError(
-                f"init={self.init!r} should be one of {', '.join(INIT_METHODS)} or an array."
-            )
+        _check_number("oversampling", self.oversampling, low=0, low_open=True)
+        _check_number("init_rounds", self.init_rounds, low=1, integer=True)
+        _check_number("patience", self.patience, low=1, integer=True)
+        if self.batch_size is not None:
+            _check_number("batch_size", self.batch_size, low=1, integer=True)
+        check_init(self.init)
+        if self.step not in STEPS:
+            raise ValueError(f"step={self.step!r} should be one of {', '.join(STEPS)}.")
+        if self.step == "minibatch":
+            if self.n_init > 1 and isinstance(self.init, str) and self.init in INIT_METHODS:
+                raise ValueError(
+                    f"n_init={self.n_init} is not supported with step='minibatch' (each restart"
+                    " would read batches of its own); use n_init=1."
+                )
+            return None
         return optimizer.make_step_rule(
             self.step, learning_rate=self.learning_rate, alpha=self.alpha
         )
@@ -196,16 +299,28 @@ default='k-means++'
             if self.random_state is None
             else int(self.random_state)
         )
-        n_init = 1 if not isinstance(self.init, str) else self.n_init
+        method = resolve_init(self.init, data.n_rows, self.n_clusters, self.init_sample_size)
+        n_init = self.n_init if method in INIT_METHODS else 1
         centers = initial_centers(
             data, self.n_clusters, init=self.init, n_init=n_init, seed=seed,
-            sample_size=self.init_sample_size,
+            sample_size=self.init_sample_size, oversampling=self.oversampling,
+            rounds=self.init_rounds,
         )  # fmt: skip
-        result = fit_means(
-            data, FitState.start(centers), max_iter=self.max_iter, tol=self.tol, step=step,
-            on_iteration=self.on_iteration,
-        )  # fmt: skip
+        if step is None:
+            result = FitResult.from_minibatch(fit_minibatch(
+                data, centers[0], batch_size=self.batch_size or DEFAULT_BATCH_SIZE,
+                max_iter=self.max_iter, patience=self.patience, seed=seed, tol=self.tol,
+                on_iteration=self.on_iteration,
+            ))  # fmt: skip
+        else:
+            result = fit_means(
+                data, FitState.start(centers), max_iter=self.max_iter, tol=self.tol, step=step,
+                on_iteration=self.on_iteration,
+            )  # fmt: skip
+        for note in result.notes:
+            warnings.warn(note, UserWarning, stacklevel=2)
         self._set_result(result, data.n_features, seed)
+        self.init_ = method
         return self
 
     def _set_result(self, result: FitResult, n_features: int, seed: int) -> None:

@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,11 +24,15 @@ from . import optimizer
 from .kernel import ChunkStats
 from .passes import DaskData, stats_pass
 
+if TYPE_CHECKING:
+    from .minibatch import MinibatchResult
+
 __all__ = [
     "STOP_REASONS",
     "FitResult",
     "FitState",
     "IterationReport",
+    "distinct_centers_note",
     "fit_means",
 ]
 
@@ -96,10 +100,44 @@ class FitResult:
     best: int
     history: list[dict[str, Any]]  # the best restart's records
     restarts: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the caller should warn about
 
     @property
     def converged(self) -> bool:
         return self.stop_reason != "max-iter"
+
+    @classmethod
+    def from_minibatch(cls, result: MinibatchResult) -> FitResult:
+        """A mini-batch fit (one restart) in the same shape as a full-batch one."""
+        notes = list(result.notes)
+        note = distinct_centers_note(result.centers)
+        if note:
+            notes.append(note)
+        restart = {
+            "inertia": result.inertia,
+            "n_iter": result.n_iter,
+            "stop_reason": result.stop_reason,
+            "loss": [rec["loss"] for rec in result.history],
+            "rows_read": result.rows_read,
+        }
+        return cls(
+            centers=result.centers, inertia=result.inertia, n_iter=result.n_iter,
+            stop_reason=result.stop_reason, best=0, history=result.history,
+            restarts=[restart], notes=notes,
+        )  # fmt: skip
+
+
+def distinct_centers_note(centers: np.ndarray) -> str | None:
+    """A message when means coincide, which happens only when the data hold fewer distinct
+    rows (of positive weight) than k; None otherwise."""
+    k = centers.shape[0]
+    distinct = np.unique(centers, axis=0).shape[0]
+    if distinct == k:
+        return None
+    return (
+        f"only {distinct} distinct means for k={k}: the data hold fewer than {k} distinct rows"
+        f" of positive weight, so {k - distinct} means repeat another and have no rows."
+    )
 
 
 def _mean_feature_variance(stats: ChunkStats) -> float:
@@ -230,12 +268,15 @@ def _result(state: FitState) -> FitResult:
         }
         for r in range(len(state.final_loss))
     ]
+    centers = state.centers[best].copy()
+    note = distinct_centers_note(centers)
     return FitResult(
-        centers=state.centers[best].copy(),
+        centers=centers,
         inertia=float(state.final_loss[best]),
         n_iter=len(state.history[best]),
         stop_reason=str(state.stop_reason[best]),
         best=best,
         history=state.history[best],
         restarts=restarts,
+        notes=[note] if note else [],
     )

@@ -5,15 +5,25 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from .parquet_io import InputError
+from .parquet_io import OUTPUT_COLUMNS, InputError
 
-__all__ = ["MODEL_FILE", "Model", "package_versions", "read_model", "write_model"]
+__all__ = [
+    "MODEL_FILE",
+    "Model",
+    "package_versions",
+    "read_init_centers",
+    "read_model",
+    "write_model",
+]
 
 MODEL_FILE = "model.json"
 FORMAT = "kmeans-gd/model/v1"
@@ -92,3 +102,69 @@ def read_model(path: str | os.PathLike[str]) -> Model:
     if not np.isfinite(array).all():
         raise InputError(f"model '{path}': 'centers' holds NaN or infinite values.")
     return Model(path=path, features=tuple(features), centers=array, content=content)
+
+
+def read_init_centers(
+    path: str | os.PathLike[str], n_clusters: int, features: Sequence[str] | None, n_features: int
+) -> np.ndarray:
+    """Initial means for a warm start, shape (n_clusters, n_features).
+
+    ``path`` is a ``model.json`` of an earlier fit (or the directory holding one), or a Parquet
+    file of centres, one row per centre. With ``features`` (the fit's feature columns), the
+    model's features or the Parquet file's columns of those names are used, in the fit's
+    order; without (an array fit), the model's centres or the Parquet file's numeric columns
+    (but ``cluster`` and ``distance``) are taken as they are and only their number is checked.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path) or path.endswith(".json"):
+        model = read_model(path)
+        what = f"init model '{model.path}'"
+        centers = model.centers
+        if features is not None:
+            missing = [name for name in features if name not in model.features]
+            if missing:
+                raise InputError(
+                    f"{what} has features {', '.join(model.features)}; the input's feature"
+                    f" {', '.join(missing)} is not among them."
+                )
+            centers = centers[:, [model.features.index(name) for name in features]]
+    else:
+        what = f"init file '{path}'"
+        centers = _read_center_table(path, features, what)
+    if centers.shape[1] != n_features:
+        raise InputError(f"{what} has {centers.shape[1]} features; the input has {n_features}.")
+    if centers.shape[0] != n_clusters:
+        raise InputError(f"{what} holds {centers.shape[0]} centres; k={n_clusters}.")
+    if not np.isfinite(centers).all():
+        raise InputError(f"{what} holds NaN or infinite values.")
+    return centers
+
+
+def _read_center_table(path: str, features: Sequence[str] | None, what: str) -> np.ndarray:
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:
+        raise InputError(
+            f"{what} does not exist; init should be auto, k-means||, k-means++, random,"
+            " a model.json or a Parquet file of centres."
+        ) from None
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(f"{what} is not a readable Parquet file: {exc}") from None
+    if features is None:  # every numeric column but a centre number ('cluster')
+        columns = [
+            field.name
+            for field in table.schema
+            if (pa.types.is_integer(field.type) or pa.types.is_floating(field.type))
+            and field.name not in OUTPUT_COLUMNS
+        ]
+    else:
+        columns = list(features)
+        missing = [name for name in columns if name not in table.schema.names]
+        if missing:
+            raise InputError(f"{what} has no column {', '.join(missing)}.")
+    try:
+        return np.column_stack(
+            [table.column(name).to_numpy(zero_copy_only=False) for name in columns]
+        ).astype(np.float64)
+    except (TypeError, ValueError, pa.ArrowException) as exc:
+        raise InputError(f"{what}: the centre columns are not numeric ({exc}).") from None

@@ -424,7 +424,18 @@ X_SMALL = np.arange(20.0).reshape(10, 2)
             {"init": "bogus"},
             X_SMALL,
             ValueError,
-            "init='bogus' should be one of k-means||, k-means++, random",
+            "init='bogus' should be one of auto, k-means||, k-means++, random, an array, or the"
+            " path of a model.json or a Parquet file of centres.",
+        ),
+        ({"oversampling": 0}, X_SMALL, ValueError, "oversampling=0 should be > 0."),
+        ({"init_rounds": 0}, X_SMALL, ValueError, "init_rounds=0 should be >= 1."),
+        ({"patience": 0}, X_SMALL, ValueError, "patience=0 should be >= 1."),
+        ({"batch_size": 0}, X_SMALL, ValueError, "batch_size=0 should be >= 1."),
+        (
+            {"step": "minibatch", "n_init": 3},
+            X_SMALL,
+            ValueError,
+            "n_init=3 is not supported with step='minibatch'",
         ),
         (
             {"n_clusters": 2, "init": np.zeros((3, 2))},
@@ -442,7 +453,7 @@ X_SMALL = np.arange(20.0).reshape(10, 2)
             {"step": "bogus"},
             X_SMALL,
             ValueError,
-            "step='bogus' should be one of newton, damped, fixed.",
+            "step='bogus' should be one of newton, damped, fixed, minibatch.",
         ),
         (
             {"step": "fixed", "learning_rate": -1},
@@ -489,3 +500,97 @@ def test_predict_validation() -> None:
         km.predict(np.zeros((4, 3)))
     with pytest.raises(ValueError, match=re.escape("expected (n_samples, 2)")):
         km.score(np.zeros((4, 3)))
+
+
+# --------------------------------------------------------------------------------------------
+# initialisation choices, warm starts, mini-batch, too few distinct rows
+# --------------------------------------------------------------------------------------------
+
+
+def test_auto_init_is_kmeans_plusplus_for_small_data_and_kmeans_parallel_otherwise() -> None:
+    X = blobs(n=3000, k=4, seed=5)
+    assert KMeans(4, random_state=0).fit(X).init_ == "k-means++"
+    big = KMeans(4, random_state=0, init_sample_size=1000).fit(X)
+    assert big.init_ == "k-means||"
+    sk = SKKMeans(4, n_init=10, random_state=0).fit(X)
+    assert big.inertia_ <= sk.inertia_ * (1 + 1e-6)
+
+
+def test_kmeans_parallel_options_are_used() -> None:
+    X = da.from_array(blobs(n=4000, k=6, seed=8), chunks=(700, -1))
+    one_round = KMeans(6, init="k-means||", init_rounds=1, oversampling=0.5, random_state=1, max_iter=1)
+    five = KMeans(6, init="k-means||", init_rounds=5, oversampling=4, random_state=1, max_iter=1)
+    # the same seed gives other initial means when the rounds and oversampling differ
+    assert not np.allclose(one_round.fit(X).cluster_centers_, five.fit(X).cluster_centers_)
+
+
+def _write_centers(path, centers: np.ndarray, names: list[str]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"cluster": np.arange(len(centers))} | {
+        name: centers[:, j] for j, name in enumerate(names)
+    }), path)  # fmt: skip
+
+
+def test_warm_start_from_a_model_file_or_parquet_of_centres(tmp_path) -> None:
+    from pipeline.model import write_model
+
+    X = blobs(n=3000, k=4, seed=9)
+    first = KMeans(4, random_state=0, tol=0).fit(X)
+    write_model(str(tmp_path / "model.json"), {
+        "features": ["x0", "x1", "x2", "x3"], "centers": first.cluster_centers_,
+    })  # fmt: skip
+    _write_centers(tmp_path / "centres.parquet", first.cluster_centers_, ["x0", "x1", "x2", "x3"])
+    for init in (tmp_path / "model.json", str(tmp_path), str(tmp_path / "centres.parquet")):
+        warm = KMeans(4, init=init, n_init=3).fit(X)
+        assert warm.init_ == "warm-start"
+        assert len(warm.restarts_) == 1  # one start: the given means
+        # already at Lloyd's fixed point: the second pass finds no label changed
+        assert (warm.n_iter_, warm.stop_reason_) == (2, "no-label-changed")
+        np.testing.assert_allclose(warm.cluster_centers_, first.cluster_centers_, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("k", "message"),
+    [
+        (3, "holds 4 centres; k=3."),
+        (5, "holds 4 centres; k=5."),
+    ],
+)
+def test_warm_start_with_another_k_is_refused(tmp_path, k: int, message: str) -> None:
+    X = blobs(n=500, d=2, k=4, seed=1)
+    _write_centers(tmp_path / "c.parquet", X[:4], ["a", "b"])
+    with pytest.raises(ValueError, match=re.escape(f"init file '{tmp_path / 'c.parquet'}' {message}")):
+        KMeans(k, init=str(tmp_path / "c.parquet")).fit(X)
+
+
+def test_warm_start_of_another_width_is_refused(tmp_path) -> None:
+    X = blobs(n=500, d=3, k=4, seed=1)
+    _write_centers(tmp_path / "c.parquet", X[:4, :2], ["a", "b"])
+    with pytest.raises(ValueError, match=re.escape("has 2 features; the input has 3.")):
+        KMeans(4, init=str(tmp_path / "c.parquet")).fit(X)
+
+
+def test_minibatch_step_reaches_the_full_batch_inertia_reading_batches() -> None:
+    X = da.from_array(blobs(n=40_000, d=4, k=5, seed=4, spread=1.5), chunks=(1000, -1))
+    full = KMeans(5, init="k-means++", random_state=2).fit(X)
+    reports: list = []
+    mini = KMeans(
+        5, init="k-means++", random_state=2, step="minibatch", batch_size=4000, patience=5,
+        max_iter=100, on_iteration=reports.append,
+    ).fit(X)  # fmt: skip
+    assert mini.stop_reason_ in ("no-improvement", "max-iter")
+    assert mini.inertia_ <= full.inertia_ * 1.05
+    assert len(reports) == mini.n_iter_
+    assert all(rec["rows"] == 4000 for rec in mini.history_)  # 4 chunks of 1000 per batch
+    assert mini.restarts_[0]["rows_read"] == 4000 * mini.n_iter_ + 40_000  # + the final pass
+    # its inertia is that of its means over all rows
+    np.testing.assert_allclose(mini.inertia_, -mini.score(X), rtol=1e-9)
+
+
+def test_fewer_distinct_rows_than_k_is_said_clearly() -> None:
+    X = np.repeat(np.array([[0.0, 0.0], [5.0, 5.0], [9.0, 0.0]]), 20, axis=0)
+    with pytest.warns(UserWarning, match=re.escape("only 3 distinct means for k=5")):
+        km = KMeans(5, random_state=0).fit(X)
+    assert km.inertia_ == 0.0
