@@ -96,14 +96,22 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--features", type=_feature_list, help="feature columns, comma separated")
     fit.add_argument("--id-column", help="id column: never a feature, copied to the labels")
     fit.add_argument("--weight-column", help="sample weight column (>= 0)")
-    fit.add_argument("--init", default="k-means++", help="k-means|| (over all rows), k-means++ (default, on a sample) or random")
+    fit.add_argument("--init", default="auto", metavar="METHOD_OR_PATH",
+                     help="auto (default: k-means|| unless the data are small, then k-means++), k-means||,"
+                     " k-means++, random, or a warm start: a model.json or a Parquet file of k centres")
     fit.add_argument("--n-init", type=int, default=1, help="restarts evaluated together (default 1)")
     fit.add_argument("--max-iter", type=int, default=100, help="most iterations (default 100)")
     fit.add_argument("--tol", type=float, default=1e-4, help="relative loss decrease to stop at (default 1e-4)")
     fit.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    fit.add_argument("--step", default="newton", help="newton (default), damped or fixed")
+    fit.add_argument("--step", default="newton", help="newton (default), damped, fixed or minibatch")
     fit.add_argument("--learning-rate", type=float, help="step of --step fixed (default 0.1)")
     fit.add_argument("--alpha", type=float, help="fraction of the Newton step for --step damped (default 0.5)")
+    fit.add_argument("--batch-size", type=int, help="rows per batch for --step minibatch (default 1000000)")
+    fit.add_argument("--patience", type=int, default=10,
+                     help="--step minibatch: batches without improvement before stopping (default 10)")
+    fit.add_argument("--oversampling", type=float, default=2.0,
+                     help="k-means||: candidates per round, as a multiple of k (default 2)")
+    fit.add_argument("--init-rounds", type=int, default=5, help="k-means||: sampling rounds (default 5)")
     fit.add_argument("--dtype", default="float32", help="float32 (default) or float64")
     fit.add_argument("--cache", default="auto", help="auto (default), memory or none (stream from Parquet)")
     fit.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -182,13 +190,15 @@ def _run_fit(args: argparse.Namespace) -> int:
         "id_column": args.id_column, "weight_column": args.weight_column, "init": args.init,
         "n_init": args.n_init, "max_iter": args.max_iter, "tol": args.tol, "seed": args.seed,
         "step": args.step, "learning_rate": args.learning_rate, "alpha": args.alpha,
-        "dtype": args.dtype, "cache": args.cache, "cluster": _cluster_parameter(args),
+        "batch_size": args.batch_size, "patience": args.patience, "oversampling": args.oversampling,
+        "init_rounds": args.init_rounds, "dtype": args.dtype, "cache": args.cache, "cluster": _cluster_parameter(args),
         "overwrite": args.overwrite, "resume": args.resume,
     }  # fmt: skip
     _validated(kmeans_fit, parameters)
     check_fit_inputs(
         args.input, args.output, args.k, features=args.features, id_column=args.id_column,
         weight_column=args.weight_column, dtype=args.dtype, overwrite=args.overwrite,
+        init=args.init, step=args.step, n_init=args.n_init,
     )  # fmt: skip
     started = time.perf_counter()
     result = kmeans_fit(**parameters)

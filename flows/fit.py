@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
+import numpy as np
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -29,18 +30,33 @@ from pipeline.cluster import (
     workers_memory_limit,
     workers_peak_memory,
 )
-from pipeline.estimator import initial_centers, validate_n_clusters
-from pipeline.fit import FitState, IterationReport, fit_means
-from pipeline.model import MODEL_FILE, write_model
+from pipeline.estimator import (
+    DEFAULT_BATCH_SIZE,
+    INIT_METHODS,
+    check_minibatch_restarts,
+    initial_centers,
+    resolve_init,
+    validate_n_clusters,
+)
+from pipeline.fit import FitResult, FitState, IterationReport, fit_means
+from pipeline.minibatch import MinibatchReport, fit_minibatch
+from pipeline.model import MODEL_FILE, read_init_centers, write_model
 from pipeline.optimizer import make_step_rule
 from pipeline.passes import choose_cache, chunk_bytes_for, data_from_parquet, label_files
 
 from .params import ClusterChoice, LocalDask, to_cluster_spec
 
-__all__ = ["check_fit_inputs", "kmeans_fit", "progress_logger"]
+__all__ = ["FitInputs", "check_fit_inputs", "kmeans_fit", "progress_logger"]
 
 #: Plain per-iteration lines for the command line; the CLI attaches a handler to it.
 progress_logger = logging.getLogger("kmeans_gd.progress")
+
+
+class FitInputs(NamedTuple):
+    """The checked inputs of a fit: the Parquet plan and the warm-start means, if any."""
+
+    dataset: parquet_io.ParquetDataset
+    warm_start: np.ndarray | None  # (k, d)
 
 
 def check_fit_inputs(
@@ -53,8 +69,12 @@ def check_fit_inputs(
     weight_column: str | None,
     dtype: str,
     overwrite: bool,
-) -> parquet_io.ParquetDataset:
-    """Everything that can be checked from the footers, before any cluster is started."""
+    init: str = "auto",
+    step: str = "newton",
+    n_init: int = 1,
+) -> FitInputs:
+    """Everything that can be checked from the footers and the warm-start file, before any
+    cluster is started."""
     parquet_io.check_output_free(output, overwrite=overwrite)
     dataset = parquet_io.open_parquet(
         input, features=features, id_column=id_column, weight_column=weight_column, dtype=dtype
@@ -63,7 +83,15 @@ def check_fit_inputs(
         validate_n_clusters(k, dataset.n_rows)
     except ValueError as exc:
         raise parquet_io.InputError(f"k={k} is larger than the {dataset.n_rows} rows of input '{input}'.") from exc
-    return dataset
+    warm = None
+    if init not in INIT_METHODS:
+        warm = read_init_centers(init, k, dataset.features, dataset.n_features)
+    if step == "minibatch":
+        try:
+            check_minibatch_restarts(n_init, init)
+        except ValueError as exc:
+            raise parquet_io.InputError(str(exc)) from None
+    return FitInputs(dataset, warm)
 
 
 def _iteration_line(report: IterationReport) -> str:
@@ -78,6 +106,14 @@ def _iteration_line(report: IterationReport) -> str:
     )
 
 
+def _batch_line(report: MinibatchReport) -> str:
+    rec = report.record
+    return (
+        f"iteration {report.iteration}  batch loss {rec['loss']:.6g}"
+        f"  smoothed {rec['ewa_loss']:.6g}  rows {rec['rows']}  seconds {report.seconds:.3f}"
+    )
+
+
 @flow(name="kmeans-fit", validate_parameters=True)
 def kmeans_fit(
     input: Annotated[str, Field(min_length=1)],
@@ -86,14 +122,20 @@ def kmeans_fit(
     features: list[str] | None = None,
     id_column: str | None = None,
     weight_column: str | None = None,
-    init: Literal["k-means||", "k-means++", "random"] = "k-means++",
+    # a method name, or a path (anything with a '/' or a '.'): a typo such as 'kmeans++' is
+    # refused by the API when the run is created, like any other bad value
+    init: Annotated[str, Field(pattern=r"^(auto|k-means\|\||k-means\+\+|random)$|[/.]")] = "auto",
     n_init: Annotated[int, Field(ge=1, le=100)] = 1,
     max_iter: Annotated[int, Field(ge=1, le=100_000)] = 100,
     tol: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1e-4,
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0,
-    step: Literal["newton", "damped", "fixed"] = "newton",
+    step: Literal["newton", "damped", "fixed", "minibatch"] = "newton",
     learning_rate: Annotated[float | None, Field(gt=0)] = None,
     alpha: Annotated[float | None, Field(gt=0, le=1)] = None,
+    batch_size: Annotated[int | None, Field(ge=1)] = None,
+    patience: Annotated[int, Field(ge=1, le=100_000)] = 10,
+    oversampling: Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)] = 2.0,
+    init_rounds: Annotated[int, Field(ge=1, le=100)] = 5,
     dtype: Literal["float32", "float64"] = "float32",
     cache: Literal["auto", "memory", "none"] = "auto",
     cluster: ClusterChoice = LocalDask(),
@@ -109,7 +151,7 @@ def kmeans_fit(
         features: Feature columns (default: every numeric column but the id and weight columns).
         id_column: Id column, never a feature; copied to the labels.
         weight_column: Sample weight column (>= 0).
-        init: Initialisation: k-means|| over all rows, k-means++ on a sample, or random rows.
+        init: auto (k-means|| unless the data are small, then k-means++), k-means|| (over all rows), k-means++ (on a sample), random, or a warm start: the path of a model.json or a Parquet file of k centres.
         n_init: Restarts, all evaluated in the same pass over the data.
         max_iter: Most iterations (passes over the data).
         tol: Stop when the relative loss decrease falls below this.
@@ -117,6 +159,10 @@ def kmeans_fit(
         step: Step rule: newton = Lloyd's update.
         learning_rate: Step of the 'fixed' rule (default 0.1).
         alpha: Fraction of the Newton step for 'damped' (default 0.5).
+        batch_size: Rows per batch for 'minibatch' (default 1,000,000; whole chunks).
+        patience: 'minibatch' stops after this many batches without improvement.
+        oversampling: k-means||: candidates per round, as a multiple of k.
+        init_rounds: k-means||: sampling rounds (one pass over the data each).
         dtype: Precision of the features in memory; statistics are float64.
         cache: Hold the data in worker memory, stream it from Parquet every iteration, or choose by size.
         cluster: Dask cluster to compute on.
@@ -129,13 +175,18 @@ def kmeans_fit(
         "input": input, "output": output, "k": k, "features": features, "id_column": id_column,
         "weight_column": weight_column, "init": init, "n_init": n_init, "max_iter": max_iter,
         "tol": tol, "seed": seed, "step": step, "learning_rate": learning_rate, "alpha": alpha,
-        "dtype": dtype, "cache": cache,
+        "batch_size": batch_size, "patience": patience, "oversampling": oversampling,
+        "init_rounds": init_rounds, "dtype": dtype, "cache": cache,
     }  # fmt: skip
-    dataset = check_fit_inputs(
-        input, output, k, features=features, id_column=id_column,
-        weight_column=weight_column, dtype=dtype, overwrite=overwrite,
+    dataset, warm_start = check_fit_inputs(
+        input, output, k, features=features, id_column=id_column, weight_column=weight_column,
+        dtype=dtype, overwrite=overwrite, init=init, step=step, n_init=n_init,
     )  # fmt: skip
-    step_rule = make_step_rule(step, learning_rate=learning_rate, alpha=alpha)
+    minibatch = step == "minibatch"
+    step_rule = None if minibatch else make_step_rule(step, learning_rate=learning_rate, alpha=alpha)
+    method = resolve_init(init, dataset.n_rows, k)
+    if warm_start is not None:
+        n_init = 1
     logger.info(
         "input %s: %d rows in %d files, %d chunks, features %s",
         input, dataset.n_rows, len(dataset.files), len(dataset.chunks), ", ".join(dataset.features),
@@ -145,7 +196,8 @@ def kmeans_fit(
     checkpoint_key = {"data": dataset.fingerprint()} | {
         name: value for name, value in parameters.items() if name not in ("input", "output", "cache")
     }
-    state = checkpoint.load_checkpoint(checkpoint_file, checkpoint_key) if resume else None
+    # a mini-batch fit is not checkpointed: its batches are cheap, and its state is not a FitState
+    state = checkpoint.load_checkpoint(checkpoint_file, checkpoint_key) if resume and not minibatch else None
 
     with dask_client(to_cluster_spec(cluster)) as client:
         logger.info("Dask dashboard: %s", dashboard_link(client) or "not available")
@@ -158,9 +210,13 @@ def kmeans_fit(
 
         t0 = time.perf_counter()
         if state is None:
-            centers = initial_centers(data, k, init=init, n_init=n_init, seed=seed)
+            centers = initial_centers(
+                data, k, init=method if warm_start is None else warm_start, n_init=n_init,
+                seed=seed, oversampling=oversampling, rounds=init_rounds,
+            )  # fmt: skip
             state = FitState.start(centers)
-            logger.info("initialised %d restart(s) with %s in %.2f s", n_init, init, time.perf_counter() - t0)
+            source = f" from {init}" if warm_start is not None else ""
+            logger.info("initialised %d restart(s) with %s%s in %.2f s", n_init, method, source, time.perf_counter() - t0)
         else:
             line = f"resuming from {checkpoint_file} after iteration {state.iteration}"
             logger.info(line)
@@ -182,14 +238,36 @@ def kmeans_fit(
             done = 100.0 if report_.state.done else 100.0 * report_.iteration / max_iter
             update_progress_artifact(progress, progress=done)
 
-        result = fit_means(
-            data, state, max_iter=max_iter, tol=tol, step=step_rule, on_iteration=on_iteration
-        )
+        def on_batch(report_: MinibatchReport) -> None:
+            line = _batch_line(report_)
+            logger.info(line)
+            progress_logger.info(line)
+            for note in report_.notes:
+                logger.warning(note)
+                progress_logger.info(note)
+            update_progress_artifact(progress, progress=100.0 * report_.iteration / max_iter)
+
+        if step_rule is None:
+            result = FitResult.from_minibatch(fit_minibatch(
+                data, state.centers[0], batch_size=batch_size or DEFAULT_BATCH_SIZE,
+                max_iter=max_iter, patience=patience, seed=seed, tol=tol, on_iteration=on_batch,
+                final_pass=False,  # the label pass below gives the inertia and the sizes
+            ))  # fmt: skip
+        else:
+            result = fit_means(
+                data, state, max_iter=max_iter, tol=tol, step=step_rule, on_iteration=on_iteration
+            )
+        for note in result.notes:
+            logger.warning(note)
+            progress_logger.info(note)
 
         with parquet_io.atomic_output_dir(output, overwrite=overwrite) as tmp:
             t0 = time.perf_counter()
             final = label_files(dataset, result.centers, os.path.join(tmp, "labels"), dtype)
             label_seconds = time.perf_counter() - t0
+            if minibatch:
+                result.inertia = float(final.loss[0])
+                result.restarts[0]["inertia"] = result.inertia
             summary = {
                 "features": list(dataset.features),
                 "centers": result.centers,
@@ -201,6 +279,9 @@ def kmeans_fit(
                 "n_rows": dataset.n_rows,
                 "history": result.history,
                 "restarts": result.restarts,
+                "init": {"method": method, "n_init": n_init}
+                | ({"from": init} if warm_start is not None else {})
+                | ({"oversampling": oversampling, "rounds": init_rounds} if method == "k-means||" else {}),
                 "parameters": parameters,
                 "data": dataset.fingerprint(),
                 "seconds": {

@@ -22,6 +22,7 @@ __all__ = [
     "STEPS",
     "KMeans",
     "check_init",
+    "check_minibatch_restarts",
     "init_sample_size",
     "initial_centers",
     "resolve_init",
@@ -85,6 +86,15 @@ def check_init(init: Any) -> None:
         raise ValueError(
             f"init={os.fspath(init)!r} should be one of {', '.join(INIT_METHODS)}, an array, or"
             " the path of a model.json or a Parquet file of centres."
+        )
+
+
+def check_minibatch_restarts(n_init: int, init: Any) -> None:
+    """Restarts are evaluated together by the full-batch rules only."""
+    if n_init > 1 and isinstance(init, str) and init in INIT_METHODS:
+        raise ValueError(
+            f"n_init={n_init} is not supported with step='minibatch' (each restart would read"
+            " batches of its own); use n_init=1."
         )
 
 
@@ -278,11 +288,7 @@ n_features) or path, default='auto'
         if self.step not in STEPS:
             raise ValueError(f"step={self.step!r} should be one of {', '.join(STEPS)}.")
         if self.step == "minibatch":
-            if self.n_init > 1 and isinstance(self.init, str) and self.init in INIT_METHODS:
-                raise ValueError(
-                    f"n_init={self.n_init} is not supported with step='minibatch' (each restart"
-                    " would read batches of its own); use n_init=1."
-                )
+            check_minibatch_restarts(self.n_init, self.init)
             return None
         return optimizer.make_step_rule(
             self.step, learning_rate=self.learning_rate, alpha=self.alpha

@@ -37,8 +37,9 @@ def iteration_table(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
         {
             "iteration": rec["iteration"],
             "loss": rec["loss"],
-            "relative_change": rec["relative_change"],
-            "changed_labels": rec["changed_labels"],
+            # a mini-batch record has neither: its loss is the batch's
+            "relative_change": rec.get("relative_change"),
+            "changed_labels": rec.get("changed_labels"),
             "seconds": round(rec["seconds"], 4),
         }
         for rec in history
@@ -62,7 +63,7 @@ def summary_markdown(model: dict[str, Any], output: str) -> str:
         f"| iterations | {model['n_iter']} |",
         f"| stop reason | {model['stop_reason']} |",
         f"| converged | {model['converged']} |",
-        f"| init | {params.get('init')} (n_init={params.get('n_init')}) |",
+        f"| init | {_init_text(model.get('init'), params)} |",
         f"| step | {params.get('step')} |",
         f"| cluster sizes | {size_text} |",
         f"| seconds | {model['seconds']['total']:.1f} |",
@@ -71,3 +72,10 @@ def summary_markdown(model: dict[str, Any], output: str) -> str:
         f"| loss curve | `{output}/loss.png` |",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _init_text(init: dict[str, Any] | None, params: dict[str, Any]) -> str:
+    if not init:  # a model written before the resolved init was recorded
+        return f"{params.get('init')} (n_init={params.get('n_init')})"
+    source = f" from `{init['from']}`" if "from" in init else ""
+    return f"{init['method']}{source} (n_init={init['n_init']})"

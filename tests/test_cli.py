@@ -202,6 +202,37 @@ def test_fit_with_kmeans_parallel_init(
     assert min(model["cluster_sizes"]) > 300
 
 
+def test_fit_minibatch_then_warm_start_from_its_model(
+    workdir: Path, generated: Path, cli_env: dict[str, str], dask_client: Any,
+) -> None:  # fmt: skip
+    files = [generated / name for name in _parquet_names(generated)]
+    mini = workdir / "out-minibatch"
+    proc = run(
+        ["fit", generated, mini, "-k", 5, "--id-column", "id", "--step", "minibatch",
+         "--batch-size", 1000, "--patience", 3, "--scheduler", dask_client.scheduler.address],
+        cli_env, workdir,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^iteration 1  batch loss \S+  smoothed \S+  rows \d+  seconds", proc.stdout, re.M)
+    model = json.loads((mini / "model.json").read_text())
+    assert model["parameters"]["step"] == "minibatch"
+    assert model["stop_reason"] in ("no-improvement", "max-iter")
+    loss = check_labels_dir(mini / "labels", files, ["x0", "x1", "x2"], np.asarray(model["centers"]), "float32")
+    assert model["inertia"] == pytest.approx(loss, rel=1e-6)
+
+    warm = workdir / "out-warm"
+    proc = run(
+        ["fit", generated, warm, "-k", 5, "--id-column", "id", "--init", mini / "model.json",
+         "--quiet", "--scheduler", dask_client.scheduler.address],
+        cli_env, workdir,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    after = check_fit_output(warm, files, k=5, features=["x0", "x1", "x2"])
+    assert after["init"]["method"] == "warm-start"
+    assert after["history"][0]["loss"] == pytest.approx(model["inertia"], rel=1e-9)
+    assert after["inertia"] <= model["inertia"] * (1 + 1e-9)
+
+
 def test_predict_labels_equal_the_fit_labels(
     workdir: Path, cli_fit: tuple[subprocess.CompletedProcess[str], Path], generated: Path,
     cli_env: dict[str, str], dask_client: Any,
@@ -372,6 +403,28 @@ def case_scheduler_and_workers(ctx: Ctx) -> list[Any]:
     return _fit(_two_files(ctx), ctx, "-k", 2, "--scheduler", ctx.scheduler, "--workers", 2)
 
 
+def case_init_typo(ctx: Ctx) -> list[Any]:
+    return _fit(_two_files(ctx), ctx, "-k", 2, "--init", "kmeans++")
+
+
+def case_init_missing_file(ctx: Ctx) -> list[Any]:
+    return _fit(_two_files(ctx), ctx, "-k", 2, "--init", ctx.root / "old" / "model.json")
+
+
+def case_init_other_k(ctx: Ctx) -> list[Any]:
+    model = ctx.root / "model.json"
+    model.write_text(json.dumps({"features": ["x0", "x1"], "centers": [[0, 0], [1, 1], [2, 2]]}))
+    return _fit(_two_files(ctx), ctx, "-k", 2, "--id-column", "id", "--init", model)
+
+
+def case_minibatch_restarts(ctx: Ctx) -> list[Any]:
+    return _fit(_two_files(ctx), ctx, "-k", 2, "--step", "minibatch", "--n-init", 3)
+
+
+def case_zero_oversampling(ctx: Ctx) -> list[Any]:
+    return _fit(_two_files(ctx), ctx, "-k", 2, "--oversampling", 0)
+
+
 def case_predict_missing_model(ctx: Ctx) -> list[Any]:
     return ["predict", ctx.root / "no-model" / "model.json", _two_files(ctx), ctx.out]
 
@@ -412,6 +465,11 @@ BAD_INPUTS: list[Any] = [
     pytest.param(
         case_scheduler_and_workers, ["--scheduler", "--workers"], id="scheduler-and-workers"
     ),
+    pytest.param(case_init_typo, ["init"], id="init-typo"),
+    pytest.param(case_init_missing_file, ["old/model.json", "does not exist"], id="init-missing-file"),
+    pytest.param(case_init_other_k, ["model.json", "holds 3 centres; k=2"], id="init-other-k"),
+    pytest.param(case_minibatch_restarts, ["n_init=3", "minibatch"], id="minibatch-restarts"),
+    pytest.param(case_zero_oversampling, ["oversampling"], id="zero-oversampling"),
     pytest.param(case_predict_missing_model, ["no-model"], id="predict-missing-model"),
     pytest.param(case_predict_feature_absent, ["'width'"], id="predict-feature-absent"),
 ]

@@ -287,6 +287,56 @@ def test_nan_found_inside_the_flow_fails_the_run_and_writes_nothing(
     assert sorted(os.listdir(tmp_path)) == ["data"]
 
 
+def test_minibatch_fit_through_the_flow(
+    prefect_harness: None, small: tuple[Path, list[Path]], scheduler: dict[str, str], tmp_path: Path
+) -> None:
+    output = tmp_path / "mini"
+    result = kmeans_fit(
+        input=str(small[0]), output=str(output), k=4, id_column="id", step="minibatch",
+        batch_size=700, patience=3, max_iter=50, cluster=scheduler,
+    )  # fmt: skip
+    model = json.loads((output / "model.json").read_text())
+    assert model["init"] == {"method": "k-means++", "n_init": 1}  # auto, on 2,400 rows
+    assert model["stop_reason"] in ("no-improvement", "max-iter")
+    assert result["stop_reason"] == model["stop_reason"]
+    assert all(rec["rows"] < 2400 for rec in model["history"])  # batches, not full passes
+    loss = check_labels_dir(output / "labels", small[1], FEATURES, np.asarray(model["centers"]), "float32")
+    # the inertia comes from the label pass: the loss of the final means over all rows
+    assert model["inertia"] == pytest.approx(loss, rel=1e-6)
+    assert model["restarts"][0]["inertia"] == model["inertia"]
+    assert min(model["cluster_sizes"]) > 0
+
+
+def test_warm_start_from_an_earlier_model(
+    fitted: dict[str, Any], small: tuple[Path, list[Path]], scheduler: dict[str, str], tmp_path: Path
+) -> None:
+    earlier = fitted["output"] / "model.json"
+    output = tmp_path / "warm"
+    kmeans_fit(
+        input=str(small[0]), output=str(output), k=4, id_column="id", init=str(earlier),
+        n_init=3, cluster=scheduler,
+    )  # fmt: skip
+    model = check_fit_output(output, small[1], k=4)
+    assert model["init"] == {"method": "warm-start", "n_init": 1, "from": str(earlier)}
+    before = json.loads(earlier.read_text())
+    # the first pass evaluated exactly the earlier means, and the fit went on from there
+    assert model["history"][0]["loss"] == pytest.approx(before["inertia"], rel=1e-12)
+    assert model["inertia"] <= before["inertia"]
+
+
+def test_warm_start_with_another_k_fails_before_any_work(
+    fitted: dict[str, Any], small: tuple[Path, list[Path]], scheduler: dict[str, str], tmp_path: Path
+) -> None:
+    earlier = fitted["output"] / "model.json"
+    state = kmeans_fit(
+        input=str(small[0]), output=str(tmp_path / "out"), k=3, id_column="id",
+        init=str(earlier), cluster=scheduler, return_state=True,
+    )  # fmt: skip
+    assert state.is_failed()
+    assert f"init model '{earlier}' holds 4 centres; k=3." in state.message
+    assert os.listdir(tmp_path) == []
+
+
 # --------------------------------------------------------------------------------------------
 # Parameter validation, as the Prefect API and the CLI do it
 # --------------------------------------------------------------------------------------------
@@ -299,6 +349,11 @@ BAD_FIT_PARAMETERS = [
     ({"input": ""}, "input"),
     ({"output": ""}, "output"),
     ({"init": "kmeans||"}, "init"),
+    ({"init": "kmeans++"}, "init"),
+    ({"oversampling": 0}, "oversampling"),
+    ({"init_rounds": 0}, "init_rounds"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"patience": 0}, "patience"),
     ({"n_init": 0}, "n_init"),
     ({"max_iter": 0}, "max_iter"),
     ({"tol": -1e-3}, "tol"),
