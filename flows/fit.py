@@ -45,6 +45,7 @@ from pipeline.optimizer import make_step_rule
 from pipeline.passes import choose_cache, chunk_bytes_for, data_from_parquet, label_files
 
 from .params import ClusterChoice, LocalDask, to_cluster_spec
+from .retries import FLOW_RETRIES, FLOW_RETRY_DELAY_SECONDS, retry_only_transient_failures
 
 __all__ = ["FitInputs", "check_fit_inputs", "kmeans_fit", "progress_logger"]
 
@@ -114,7 +115,12 @@ def _batch_line(report: MinibatchReport) -> str:
     )
 
 
-@flow(name="kmeans-fit", validate_parameters=True)
+@flow(
+    name="kmeans-fit",
+    validate_parameters=True,
+    retries=FLOW_RETRIES,
+    retry_delay_seconds=FLOW_RETRY_DELAY_SECONDS,
+)
 def kmeans_fit(
     input: Annotated[str, Field(min_length=1)],
     output: Annotated[str, Field(min_length=1)],
@@ -169,149 +175,150 @@ def kmeans_fit(
         overwrite: Replace an existing output.
         resume: Resume from the checkpoint of an interrupted run with the same data and parameters.
     """
-    logger = get_run_logger()
-    started = time.perf_counter()
-    parameters = {
-        "input": input, "output": output, "k": k, "features": features, "id_column": id_column,
-        "weight_column": weight_column, "init": init, "n_init": n_init, "max_iter": max_iter,
-        "tol": tol, "seed": seed, "step": step, "learning_rate": learning_rate, "alpha": alpha,
-        "batch_size": batch_size, "patience": patience, "oversampling": oversampling,
-        "init_rounds": init_rounds, "dtype": dtype, "cache": cache,
-    }  # fmt: skip
-    dataset, warm_start = check_fit_inputs(
-        input, output, k, features=features, id_column=id_column, weight_column=weight_column,
-        dtype=dtype, overwrite=overwrite, init=init, step=step, n_init=n_init,
-    )  # fmt: skip
-    minibatch = step == "minibatch"
-    step_rule = None if minibatch else make_step_rule(step, learning_rate=learning_rate, alpha=alpha)
-    method = resolve_init(init, dataset.n_rows, k)
-    if warm_start is not None:
-        n_init = 1
-    logger.info(
-        "input %s: %d rows in %d files, %d chunks, features %s",
-        input, dataset.n_rows, len(dataset.files), len(dataset.chunks), ", ".join(dataset.features),
-    )  # fmt: skip
-
-    checkpoint_file = checkpoint.checkpoint_path(output)
-    checkpoint_key = {"data": dataset.fingerprint()} | {
-        name: value for name, value in parameters.items() if name not in ("input", "output", "cache")
-    }
-    # a mini-batch fit is not checkpointed: its batches are cheap, and its state is not a FitState
-    state = checkpoint.load_checkpoint(checkpoint_file, checkpoint_key) if resume and not minibatch else None
-
-    with dask_client(to_cluster_spec(cluster)) as client:
-        logger.info("Dask dashboard: %s", dashboard_link(client) or "not available")
-        dataset = dataset.rechunked(chunk_bytes_for(worker_memory_per_thread(client)), dtype)
-        data = data_from_parquet(dataset, dtype)
-        persist, why = choose_cache(data.nbytes, workers_memory_limit(client), cache)
-        logger.info("data cache: %s (%s)", "memory" if persist else "streamed from Parquet", why)
-        if persist:
-            data = data.persist()
-
-        t0 = time.perf_counter()
-        if state is None:
-            centers = initial_centers(
-                data, k, init=method if warm_start is None else warm_start, n_init=n_init,
-                seed=seed, oversampling=oversampling, rounds=init_rounds,
-            )  # fmt: skip
-            state = FitState.start(centers)
-            source = f" from {init}" if warm_start is not None else ""
-            logger.info("initialised %d restart(s) with %s%s in %.2f s", n_init, method, source, time.perf_counter() - t0)
-        else:
-            line = f"resuming from {checkpoint_file} after iteration {state.iteration}"
-            logger.info(line)
-            progress_logger.info(line)
-        init_seconds = time.perf_counter() - t0
-        progress = create_progress_artifact(
-            progress=100.0 * state.iteration / max_iter, key="kmeans-fit-progress",
-            description=f"k-means fit of {input}: iterations done out of at most {max_iter}",
+    with retry_only_transient_failures():
+        logger = get_run_logger()
+        started = time.perf_counter()
+        parameters = {
+            "input": input, "output": output, "k": k, "features": features, "id_column": id_column,
+            "weight_column": weight_column, "init": init, "n_init": n_init, "max_iter": max_iter,
+            "tol": tol, "seed": seed, "step": step, "learning_rate": learning_rate, "alpha": alpha,
+            "batch_size": batch_size, "patience": patience, "oversampling": oversampling,
+            "init_rounds": init_rounds, "dtype": dtype, "cache": cache,
+        }  # fmt: skip
+        dataset, warm_start = check_fit_inputs(
+            input, output, k, features=features, id_column=id_column, weight_column=weight_column,
+            dtype=dtype, overwrite=overwrite, init=init, step=step, n_init=n_init,
+        )  # fmt: skip
+        minibatch = step == "minibatch"
+        step_rule = None if minibatch else make_step_rule(step, learning_rate=learning_rate, alpha=alpha)
+        method = resolve_init(init, dataset.n_rows, k)
+        if warm_start is not None:
+            n_init = 1
+        logger.info(
+            "input %s: %d rows in %d files, %d chunks, features %s",
+            input, dataset.n_rows, len(dataset.files), len(dataset.chunks), ", ".join(dataset.features),
         )  # fmt: skip
 
-        def on_iteration(report_: IterationReport) -> None:
-            checkpoint.save_checkpoint(checkpoint_file, checkpoint_key, report_.state)
-            line = _iteration_line(report_)
-            logger.info(line)
-            progress_logger.info(line)
-            for note in report_.notes:
-                logger.warning(note)
-                progress_logger.info(note)
-            done = 100.0 if report_.state.done else 100.0 * report_.iteration / max_iter
-            update_progress_artifact(progress, progress=done)
+        checkpoint_file = checkpoint.checkpoint_path(output)
+        checkpoint_key = {"data": dataset.fingerprint()} | {
+            name: value for name, value in parameters.items() if name not in ("input", "output", "cache")
+        }
+        # a mini-batch fit is not checkpointed: its batches are cheap, and its state is not a FitState
+        state = checkpoint.load_checkpoint(checkpoint_file, checkpoint_key) if resume and not minibatch else None
 
-        def on_batch(report_: MinibatchReport) -> None:
-            line = _batch_line(report_)
-            logger.info(line)
-            progress_logger.info(line)
-            for note in report_.notes:
-                logger.warning(note)
-                progress_logger.info(note)
-            update_progress_artifact(progress, progress=100.0 * report_.iteration / max_iter)
+        with dask_client(to_cluster_spec(cluster)) as client:
+            logger.info("Dask dashboard: %s", dashboard_link(client) or "not available")
+            dataset = dataset.rechunked(chunk_bytes_for(worker_memory_per_thread(client)), dtype)
+            data = data_from_parquet(dataset, dtype)
+            persist, why = choose_cache(data.nbytes, workers_memory_limit(client), cache)
+            logger.info("data cache: %s (%s)", "memory" if persist else "streamed from Parquet", why)
+            if persist:
+                data = data.persist()
 
-        if step_rule is None:
-            result = FitResult.from_minibatch(fit_minibatch(
-                data, state.centers[0], batch_size=batch_size or DEFAULT_BATCH_SIZE,
-                max_iter=max_iter, patience=patience, seed=seed, tol=tol, on_iteration=on_batch,
-                final_pass=False,  # the label pass below gives the inertia and the sizes
-            ))  # fmt: skip
-        else:
-            result = fit_means(
-                data, state, max_iter=max_iter, tol=tol, step=step_rule, on_iteration=on_iteration
-            )
-        for note in result.notes:
-            logger.warning(note)
-            progress_logger.info(note)
-
-        with parquet_io.atomic_output_dir(output, overwrite=overwrite) as tmp:
             t0 = time.perf_counter()
-            final = label_files(dataset, result.centers, os.path.join(tmp, "labels"), dtype)
-            label_seconds = time.perf_counter() - t0
-            if minibatch:
-                result.inertia = float(final.loss[0])
-                result.restarts[0]["inertia"] = result.inertia
-            summary = {
-                "features": list(dataset.features),
-                "centers": result.centers,
-                "inertia": result.inertia,
-                "n_iter": result.n_iter,
-                "converged": result.converged,
-                "stop_reason": result.stop_reason,
-                "cluster_sizes": final.counts[0].tolist(),
-                "n_rows": dataset.n_rows,
-                "history": result.history,
-                "restarts": result.restarts,
-                "init": {"method": method, "n_init": n_init}
-                | ({"from": init} if warm_start is not None else {})
-                | ({"oversampling": oversampling, "rounds": init_rounds} if method == "k-means||" else {}),
-                "parameters": parameters,
-                "data": dataset.fingerprint(),
-                "seconds": {
-                    "init": init_seconds,
-                    "iterations": sum(rec["seconds"] for rec in result.history),
-                    "labels": label_seconds,
-                    "total": time.perf_counter() - started,
-                },
-            }
-            peaks = workers_peak_memory(client)
-            summary["workers_peak_memory"] = peaks
-            logger.info(
-                "workers' peak memory: %s",
-                ", ".join(f"{rss / 2**20:.0f} MiB" for rss in peaks.values()),
-            )
-            write_model(os.path.join(tmp, MODEL_FILE), summary)
-            report.loss_curve_png(result.history, os.path.join(tmp, "loss.png"))
-    checkpoint.remove_checkpoint(checkpoint_file)
-    create_table_artifact(
-        table=report.iteration_table(result.history), key="kmeans-fit-iterations",
-        description="Loss, relative change, changed labels and seconds per iteration",
-    )  # fmt: skip
-    create_markdown_artifact(
-        markdown=report.summary_markdown(summary, os.path.abspath(output)), key="kmeans-fit-summary",
-        description="Summary of the k-means fit",
-    )  # fmt: skip
-    logger.info(
-        "done: inertia %.6g after %d iterations (%s); outputs in %s",
-        result.inertia, result.n_iter, result.stop_reason, output,
-    )  # fmt: skip
-    return {key: summary[key] for key in ("inertia", "n_iter", "converged", "stop_reason", "cluster_sizes", "n_rows")} | {
-        "output": os.path.abspath(output)
-    }
+            if state is None:
+                centers = initial_centers(
+                    data, k, init=method if warm_start is None else warm_start, n_init=n_init,
+                    seed=seed, oversampling=oversampling, rounds=init_rounds,
+                )  # fmt: skip
+                state = FitState.start(centers)
+                source = f" from {init}" if warm_start is not None else ""
+                logger.info("initialised %d restart(s) with %s%s in %.2f s", n_init, method, source, time.perf_counter() - t0)
+            else:
+                line = f"resuming from {checkpoint_file} after iteration {state.iteration}"
+                logger.info(line)
+                progress_logger.info(line)
+            init_seconds = time.perf_counter() - t0
+            progress = create_progress_artifact(
+                progress=100.0 * state.iteration / max_iter, key="kmeans-fit-progress",
+                description=f"k-means fit of {input}: iterations done out of at most {max_iter}",
+            )  # fmt: skip
+
+            def on_iteration(report_: IterationReport) -> None:
+                checkpoint.save_checkpoint(checkpoint_file, checkpoint_key, report_.state)
+                line = _iteration_line(report_)
+                logger.info(line)
+                progress_logger.info(line)
+                for note in report_.notes:
+                    logger.warning(note)
+                    progress_logger.info(note)
+                done = 100.0 if report_.state.done else 100.0 * report_.iteration / max_iter
+                update_progress_artifact(progress, progress=done)
+
+            def on_batch(report_: MinibatchReport) -> None:
+                line = _batch_line(report_)
+                logger.info(line)
+                progress_logger.info(line)
+                for note in report_.notes:
+                    logger.warning(note)
+                    progress_logger.info(note)
+                update_progress_artifact(progress, progress=100.0 * report_.iteration / max_iter)
+
+            if step_rule is None:
+                result = FitResult.from_minibatch(fit_minibatch(
+                    data, state.centers[0], batch_size=batch_size or DEFAULT_BATCH_SIZE,
+                    max_iter=max_iter, patience=patience, seed=seed, tol=tol, on_iteration=on_batch,
+                    final_pass=False,  # the label pass below gives the inertia and the sizes
+                ))  # fmt: skip
+            else:
+                result = fit_means(
+                    data, state, max_iter=max_iter, tol=tol, step=step_rule, on_iteration=on_iteration
+                )
+            for note in result.notes:
+                logger.warning(note)
+                progress_logger.info(note)
+
+            with parquet_io.atomic_output_dir(output, overwrite=overwrite) as tmp:
+                t0 = time.perf_counter()
+                final = label_files(dataset, result.centers, os.path.join(tmp, "labels"), dtype)
+                label_seconds = time.perf_counter() - t0
+                if minibatch:
+                    result.inertia = float(final.loss[0])
+                    result.restarts[0]["inertia"] = result.inertia
+                summary = {
+                    "features": list(dataset.features),
+                    "centers": result.centers,
+                    "inertia": result.inertia,
+                    "n_iter": result.n_iter,
+                    "converged": result.converged,
+                    "stop_reason": result.stop_reason,
+                    "cluster_sizes": final.counts[0].tolist(),
+                    "n_rows": dataset.n_rows,
+                    "history": result.history,
+                    "restarts": result.restarts,
+                    "init": {"method": method, "n_init": n_init}
+                    | ({"from": init} if warm_start is not None else {})
+                    | ({"oversampling": oversampling, "rounds": init_rounds} if method == "k-means||" else {}),
+                    "parameters": parameters,
+                    "data": dataset.fingerprint(),
+                    "seconds": {
+                        "init": init_seconds,
+                        "iterations": sum(rec["seconds"] for rec in result.history),
+                        "labels": label_seconds,
+                        "total": time.perf_counter() - started,
+                    },
+                }
+                peaks = workers_peak_memory(client)
+                summary["workers_peak_memory"] = peaks
+                logger.info(
+                    "workers' peak memory: %s",
+                    ", ".join(f"{rss / 2**20:.0f} MiB" for rss in peaks.values()),
+                )
+                write_model(os.path.join(tmp, MODEL_FILE), summary)
+                report.loss_curve_png(result.history, os.path.join(tmp, "loss.png"))
+        checkpoint.remove_checkpoint(checkpoint_file)
+        create_table_artifact(
+            table=report.iteration_table(result.history), key="kmeans-fit-iterations",
+            description="Loss, relative change, changed labels and seconds per iteration",
+        )  # fmt: skip
+        create_markdown_artifact(
+            markdown=report.summary_markdown(summary, os.path.abspath(output)), key="kmeans-fit-summary",
+            description="Summary of the k-means fit",
+        )  # fmt: skip
+        logger.info(
+            "done: inertia %.6g after %d iterations (%s); outputs in %s",
+            result.inertia, result.n_iter, result.stop_reason, output,
+        )  # fmt: skip
+        return {key: summary[key] for key in ("inertia", "n_iter", "converged", "stop_reason", "cluster_sizes", "n_rows")} | {
+            "output": os.path.abspath(output)
+        }

@@ -14,6 +14,7 @@ from pipeline.model import Model, read_model
 from pipeline.passes import label_files
 
 from .params import ClusterChoice, LocalDask, to_cluster_spec
+from .retries import FLOW_RETRIES, FLOW_RETRY_DELAY_SECONDS, retry_only_transient_failures
 
 __all__ = ["check_predict_inputs", "kmeans_predict"]
 
@@ -28,7 +29,12 @@ def check_predict_inputs(
     return saved, dataset
 
 
-@flow(name="kmeans-predict", validate_parameters=True)
+@flow(
+    name="kmeans-predict",
+    validate_parameters=True,
+    retries=FLOW_RETRIES,
+    retry_delay_seconds=FLOW_RETRY_DELAY_SECONDS,
+)
 def kmeans_predict(
     model: Annotated[str, Field(min_length=1)],
     input: Annotated[str, Field(min_length=1)],
@@ -45,21 +51,22 @@ def kmeans_predict(
         cluster: Dask cluster to compute on.
         overwrite: Replace an existing output.
     """
-    logger = get_run_logger()
-    saved, dataset = check_predict_inputs(model, input, output, overwrite=overwrite)
-    logger.info(
-        "model %s: k=%d on %s; input %d rows in %d files",
-        saved.path, len(saved.centers), ", ".join(saved.features), dataset.n_rows,
-        len(dataset.files),
-    )  # fmt: skip
-    with dask_client(to_cluster_spec(cluster)) as client:
-        del client  # computations use the client as Dask's default scheduler
-        with parquet_io.atomic_output_dir(output, overwrite=overwrite) as tmp:
-            stats = label_files(dataset, saved.centers, tmp, saved.dtype)
-    logger.info("labelled %d rows; inertia %.6g; outputs in %s", dataset.n_rows, stats.loss[0], output)
-    return {
-        "output": os.path.abspath(output),
-        "n_rows": dataset.n_rows,
-        "inertia": float(stats.loss[0]),
-        "cluster_sizes": stats.counts[0].tolist(),
-    }
+    with retry_only_transient_failures():
+        logger = get_run_logger()
+        saved, dataset = check_predict_inputs(model, input, output, overwrite=overwrite)
+        logger.info(
+            "model %s: k=%d on %s; input %d rows in %d files",
+            saved.path, len(saved.centers), ", ".join(saved.features), dataset.n_rows,
+            len(dataset.files),
+        )  # fmt: skip
+        with dask_client(to_cluster_spec(cluster)) as client:
+            del client  # computations use the client as Dask's default scheduler
+            with parquet_io.atomic_output_dir(output, overwrite=overwrite) as tmp:
+                stats = label_files(dataset, saved.centers, tmp, saved.dtype)
+        logger.info("labelled %d rows; inertia %.6g; outputs in %s", dataset.n_rows, stats.loss[0], output)
+        return {
+            "output": os.path.abspath(output),
+            "n_rows": dataset.n_rows,
+            "inertia": float(stats.loss[0]),
+            "cluster_sizes": stats.counts[0].tolist(),
+        }
