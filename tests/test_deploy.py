@@ -471,3 +471,33 @@ def test_serve_command_line(capsys: pytest.CaptureFixture[str]) -> None:
         err.startswith("kmeans-gd: error: fit_parameters: invalid parameters: k:")
         and err.count("\n") == 1
     )
+
+
+def test_external_workers_never_spill_like_the_embedded_ones() -> None:
+    """Every way deploy/ starts Dask workers sets the embedded cluster's memory settings, as the
+    environment variables Dask reads its configuration from."""
+    from pipeline.cluster import _WORKER_MEMORY_CONFIG
+
+    expected = {
+        "DASK_" + key.upper().replace(".", "__"): str(value)
+        for key, value in _WORKER_MEMORY_CONFIG.items()
+    }
+    (cluster,) = [doc for doc in kubernetes_documents() if doc["kind"] == "DaskCluster"]
+    (worker,) = cluster["spec"]["worker"]["spec"]["containers"]
+    assert {env["name"]: env["value"] for env in worker["env"]}.items() >= expected.items()
+
+    exports = " ".join(f"{name}={value}" for name, value in expected.items())
+    assert f"export {exports}" in (DEPLOY / "slurm" / "kmeans-fit.sbatch").read_text()
+    slurm = yaml.safe_load((DEPLOY / "slurm" / "jobqueue.yaml").read_text())["jobqueue"]["slurm"]
+    assert f"export {exports}" in slurm["job-script-prologue"]
+    cluster_json = json.loads((DEPLOY / "slurm" / "slurm-cluster.json").read_text())
+    assert f"export {exports}" in cluster_json["kwargs"]["job_script_prologue"]
+
+    import functools
+
+    import dask.config
+
+    # the variables really give Dask the embedded settings
+    parsed = dask.config.collect_env(expected)
+    for key, value in _WORKER_MEMORY_CONFIG.items():
+        assert functools.reduce(dict.__getitem__, key.split("."), parsed) == value, key
