@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal, NamedTuple
 
 import numpy as np
@@ -105,6 +106,16 @@ def _iteration_line(report: IterationReport) -> str:
         f"  changed {'-' if changed is None else changed}"
         f"  seconds {report.seconds:.3f}"
     )
+
+
+def _tell(logger: Any, line: str | None, notes: Sequence[str] = ()) -> None:
+    """A line for the run's log and the command line; notes as warnings to both."""
+    if line is not None:
+        logger.info(line)
+        progress_logger.info(line)
+    for note in notes:
+        logger.warning(note)
+        progress_logger.info(note)
 
 
 def _batch_line(report: MinibatchReport) -> str:
@@ -225,9 +236,7 @@ def kmeans_fit(
                 source = f" from {init}" if warm_start is not None else ""
                 logger.info("initialised %d restart(s) with %s%s in %.2f s", n_init, method, source, time.perf_counter() - t0)
             else:
-                line = f"resuming from {checkpoint_file} after iteration {state.iteration}"
-                logger.info(line)
-                progress_logger.info(line)
+                _tell(logger, f"resuming from {checkpoint_file} after iteration {state.iteration}")
             init_seconds = time.perf_counter() - t0
             progress = create_progress_artifact(
                 progress=100.0 * state.iteration / max_iter, key="kmeans-fit-progress",
@@ -236,22 +245,12 @@ def kmeans_fit(
 
             def on_iteration(report_: IterationReport) -> None:
                 checkpoint.save_checkpoint(checkpoint_file, checkpoint_key, report_.state)
-                line = _iteration_line(report_)
-                logger.info(line)
-                progress_logger.info(line)
-                for note in report_.notes:
-                    logger.warning(note)
-                    progress_logger.info(note)
+                _tell(logger, _iteration_line(report_), report_.notes)
                 done = 100.0 if report_.state.done else 100.0 * report_.iteration / max_iter
                 update_progress_artifact(progress, progress=done)
 
             def on_batch(report_: MinibatchReport) -> None:
-                line = _batch_line(report_)
-                logger.info(line)
-                progress_logger.info(line)
-                for note in report_.notes:
-                    logger.warning(note)
-                    progress_logger.info(note)
+                _tell(logger, _batch_line(report_), report_.notes)
                 update_progress_artifact(progress, progress=100.0 * report_.iteration / max_iter)
 
             if step_rule is None:
@@ -264,9 +263,7 @@ def kmeans_fit(
                 result = fit_means(
                     data, state, max_iter=max_iter, tol=tol, step=step_rule, on_iteration=on_iteration
                 )
-            for note in result.notes:
-                logger.warning(note)
-                progress_logger.info(note)
+            _tell(logger, None, result.notes)
 
             with parquet_io.atomic_output_dir(output, overwrite=overwrite) as tmp:
                 t0 = time.perf_counter()
