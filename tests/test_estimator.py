@@ -182,6 +182,25 @@ def test_chunking_does_not_change_the_result(dask_client) -> None:
     assert small.n_iter_ == large.n_iter_
 
 
+def test_workers_and_threads_do_not_change_the_result(dask_client) -> None:
+    """The same means, bit for bit, on the session's 2 workers x 1 thread, on 1 worker x 2
+    threads, and with no cluster at all: the randomness is keyed by row and the reduction
+    order is fixed, whoever computes which chunk."""
+    from distributed import Client, LocalCluster
+
+    X = da.from_array(blobs(n=6000, d=3, k=5, seed=12, spread=2.5), chunks=(777, 3))
+    params = {"n_clusters": 5, "init": "k-means||", "n_init": 2, "random_state": 4, "tol": 0}
+    two_workers = KMeans(**params).fit(X)
+    with LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=":0") as cluster:
+        with Client(cluster):
+            two_threads = KMeans(**params).fit(X)
+    with dask.config.set(scheduler="sync"):
+        no_cluster = KMeans(**params).fit(X)
+    for other in (two_threads, no_cluster):
+        np.testing.assert_array_equal(other.cluster_centers_, two_workers.cluster_centers_)
+        assert other.inertia_ == two_workers.inertia_ and other.n_iter_ == two_workers.n_iter_
+
+
 def test_kmeans_parallel_init_finds_every_blob() -> None:
     X = blobs(n=3000, d=3, k=5, seed=8, spread=0.5)
     chunked = da.from_array(X, chunks=(401, 3))
