@@ -223,7 +223,9 @@ def _select_features(
                 f" {schema.field(name).type}; features must be integer or floating point."
             )
         if name in exclude:
-            raise InputError(f"column '{name}' cannot be both a feature and the id or weight column.")
+            raise InputError(
+                f"column '{name}' cannot be both a feature and the id or weight column."
+            )
     return tuple(features)
 
 
@@ -342,17 +344,36 @@ def _schema_difference(expected: pa.Schema, got: pa.Schema) -> str:
     return f"columns in a different order: {got.names}"
 
 
-def _use_system_allocator() -> None:
-    """Arrow's default allocator (mimalloc) keeps freed pages, so a worker that streams chunks
-    keeps growing until Dask pauses it for good; the system allocator returns them (Dask sets
-    MALLOC_TRIM_THRESHOLD_ for its workers)."""
-    if pa.default_memory_pool().backend_name != "system":
-        pa.set_memory_pool(pa.system_memory_pool())
+#: How long (ms) jemalloc keeps freed pages for reuse before returning them to the system.
+_JEMALLOC_DECAY_MS = 100
+
+
+def _use_returning_allocator() -> None:
+    """Have Arrow allocate from a pool that reuses freed pages but gives them back soon.
+
+    Arrow's default allocator (mimalloc) was measured to keep freed pages, so a worker that
+    streams chunks kept growing until Dask paused it. The system allocator gives them back
+    but, in a Dask worker (which sets ``MALLOC_TRIM_THRESHOLD_``, fixing glibc's mmap threshold
+    at 128 KiB), maps and faults in every decompressed page anew: reading a row group took
+    twice as long (16-17 ms instead of 8-9 ms for 65536 x 32 float32, pyarrow 26). jemalloc
+    reuses its pages and returns unused ones after ``_JEMALLOC_DECAY_MS``: reads as fast as
+    mimalloc, with a steady RSS 20 MiB above the system allocator's and no growth. Where
+    pyarrow is built without jemalloc, the system allocator.
+    """
+    pool = pa.default_memory_pool()
+    if pool.backend_name in ("jemalloc", "system"):
+        return
+    try:
+        pool = pa.jemalloc_memory_pool()
+        pa.jemalloc_set_decay_ms(_JEMALLOC_DECAY_MS)
+    except (NotImplementedError, pa.ArrowNotImplementedError):
+        pool = pa.system_memory_pool()
+    pa.set_memory_pool(pool)
 
 
 @contextlib.contextmanager
 def _open_parquet_file(dataset: ParquetDataset, path: str) -> Iterator[pq.ParquetFile]:
-    _use_system_allocator()
+    _use_returning_allocator()
     # pre_buffer=False: coalescing the reads would hold a chunk's compressed pages all at once
     if isinstance(dataset.fs, LocalFileSystem) and type(dataset.fs)._open is LocalFileSystem._open:
         # Arrow's own file reads without a Python file object in between (the GIL per read)
@@ -363,28 +384,45 @@ def _open_parquet_file(dataset: ParquetDataset, path: str) -> Iterator[pq.Parque
         yield pq.ParquetFile(handle, pre_buffer=False)
 
 
-def _fill(out: np.ndarray, start: int, table: pa.Table | pa.RecordBatch, columns: Sequence[str]) -> None:
+#: Bytes of the matrix filled at a time: a block of rows, staged column by column in a buffer
+#: that stays in the L2 cache, is checked for NaN and infinities there.
+_FILL_BLOCK_BYTES = 256 << 10
+
+
+def _fill(
+    out: np.ndarray, start: int, table: pa.Table | pa.RecordBatch, columns: Sequence[str]
+) -> None:
     """Copy ``table``'s feature columns into rows ``start:`` of the row-major ``out``.
 
-    Column by column into a slice of one row group or batch, so the strided writes stay in
-    cache and no second copy of the whole chunk (an Arrow table, a column-major matrix or a
+    Block of rows by block of rows: the block's columns are copied (contiguously, converted
+    to ``out``'s dtype) into a small column-major buffer, which is then transposed into
+    ``out`` and checked for NaN and infinities while it is in the cache. Writing whole columns
+    into ``out`` went through the whole matrix once per column (65536 x 32 float32: 11 ms,
+    now 3 ms). No second copy of the chunk (an Arrow table, a column-major matrix or a
     converted dtype) ever exists.
+
+    Raises _NonFinite naming the first bad column.
     """
-    stop = start + table.num_rows
-    for j, name in enumerate(columns):
+    arrays = []
+    for name in columns:
         column = table.column(name)
         if column.null_count:
             raise _NonFinite(name, "null")
-        out[start:stop, j] = column.to_numpy()
-
-
-def _check_finite(X: np.ndarray, features: Sequence[str], path: str) -> None:
-    if not np.isfinite(X).all():
-        bad_col = features[int(np.argmin(np.isfinite(X).all(axis=0)))]
-        raise InputError(
-            f"feature column '{bad_col}' in file '{path}' has NaN or infinite values"
-            " (or values too large for the dtype); clean or drop those rows first."
-        )
+        arrays.append(column.to_numpy())  # no copy: one chunk, no nulls
+    n = table.num_rows
+    step = max(1, min(n, _FILL_BLOCK_BYTES // max(out.itemsize * out.shape[1], 1)))
+    buffer = np.empty((out.shape[1], step), dtype=out.dtype)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        staged = buffer[:, : hi - lo]
+        for j, values in enumerate(arrays):
+            staged[j] = values[lo:hi]
+        block = out[start + lo : start + hi]
+        block[...] = staged.T
+        if not np.isfinite(block).all():
+            raise _NonFinite(
+                columns[int(np.argmin(np.isfinite(block).all(axis=0)))], "NaN or infinite"
+            )
 
 
 def _weights(table: pa.Table | pa.RecordBatch, dataset: ParquetDataset, path: str) -> np.ndarray:
@@ -405,9 +443,14 @@ class _NonFinite(Exception):
 
 
 def _null_error(bad: _NonFinite, path: str) -> InputError:
+    if bad.what == "null":
+        return InputError(
+            f"feature column '{bad.column}' in file '{path}' has null values;"
+            " clean or drop those rows first."
+        )
     return InputError(
-        f"feature column '{bad.column}' in file '{path}' has {bad.what} values;"
-        " clean or drop those rows first."
+        f"feature column '{bad.column}' in file '{path}' has NaN or infinite values"
+        " (or values too large for the dtype); clean or drop those rows first."
     )
 
 
@@ -451,12 +494,13 @@ def read_chunk(
         for rg in chunk.row_groups:
             table = parquet.read_row_group(rg, columns=columns)
             if start + table.num_rows > chunk.n_rows:
-                raise InputError(f"file '{chunk.path}' changed while it was read: row group {rg} has more rows than its footer said.")
+                raise InputError(
+                    f"file '{chunk.path}' changed while it was read: row group {rg} has more rows than its footer said."
+                )
             try:
                 _fill(X, start, table, dataset.features)
             except _NonFinite as bad:
                 raise _null_error(bad, chunk.path) from None
-            _check_finite(X[start : start + table.num_rows], dataset.features, chunk.path)
             if weights is not None:
                 weights.append(_weights(table, dataset, chunk.path))
             if passthrough:
@@ -464,7 +508,9 @@ def read_chunk(
             start += table.num_rows
             del table
     if start != chunk.n_rows:
-        raise InputError(f"file '{chunk.path}' changed while it was read: {start} rows instead of {chunk.n_rows}.")
+        raise InputError(
+            f"file '{chunk.path}' changed while it was read: {start} rows instead of {chunk.n_rows}."
+        )
     w = None if weights is None else (np.concatenate(weights) if weights else np.empty(0))
     if passthrough:
         schema = pa.schema([dataset.schema.field(n) for n in dataset.passthrough_columns])
@@ -497,7 +543,6 @@ def iter_labelled_batches(
                 _fill(X, 0, table, dataset.features)
             except _NonFinite as bad:
                 raise _null_error(bad, path) from None
-            _check_finite(X, dataset.features, path)
             weights = _weights(table, dataset, path) if dataset.weight_column is not None else None
             kept = table.select(passthrough)
             del table

@@ -477,3 +477,53 @@ def test_atomic_output_dir_overwrite(tmp_path: Path) -> None:
 )
 def test_labelled_file_name(path: str, name: str) -> None:
     assert labelled_file_name(path) == name
+
+
+# --------------------------------------------------------------------------------------------
+# filling the matrix block by block, and the allocator
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fill_in_blocks_matches_the_columns(monkeypatch: pytest.MonkeyPatch, dtype: str) -> None:
+    # blocks of 7 rows over 40 rows: a short last block, columns of several types
+    monkeypatch.setattr(parquet_io, "_FILL_BLOCK_BYTES", 7 * 3 * np.dtype(dtype).itemsize)
+    rng = np.random.default_rng(1)
+    table = pa.table(
+        {
+            "a": rng.normal(size=40),
+            "b": rng.integers(-5, 5, size=40),
+            "c": rng.normal(size=40).astype(np.float32),
+        }
+    )
+    out = np.full((45, 3), -99.0, dtype=dtype)
+    parquet_io._fill(out, 5, table, ["c", "a", "b"])
+    expected = np.column_stack([table.column(n).to_numpy().astype(dtype) for n in ("c", "a", "b")])
+    np.testing.assert_array_equal(out[5:], expected)
+    assert (out[:5] == -99.0).all()  # rows before ``start`` untouched
+
+
+def test_fill_names_the_bad_column_in_a_later_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(parquet_io, "_FILL_BLOCK_BYTES", 4 * 3 * 4)
+    values = {n: np.arange(20, dtype=np.float64) for n in ("a", "b", "c")}
+    values["c"][17] = np.inf
+    table = pa.table(values)
+    out = np.empty((20, 3), dtype=np.float32)
+    with pytest.raises(parquet_io._NonFinite) as raised:
+        parquet_io._fill(out, 0, table, ["a", "b", "c"])
+    assert (raised.value.column, raised.value.what) == ("c", "NaN or infinite")
+    np.testing.assert_array_equal(out[:16, 2], np.arange(16))  # earlier blocks were filled
+
+
+def test_reading_switches_arrow_to_an_allocator_that_returns_memory() -> None:
+    # mimalloc (Arrow's default) keeps freed pages; reads must not run on it
+    previous = pa.default_memory_pool()
+    try:
+        pa.set_memory_pool(pa.mimalloc_memory_pool())
+        parquet_io._use_returning_allocator()
+        assert pa.default_memory_pool().backend_name in ("jemalloc", "system")
+        chosen = pa.default_memory_pool().backend_name
+        parquet_io._use_returning_allocator()  # idempotent
+        assert pa.default_memory_pool().backend_name == chosen
+    finally:
+        pa.set_memory_pool(previous)
