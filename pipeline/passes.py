@@ -73,7 +73,9 @@ class DaskData:
     )
     #: Per chunk, (plan for tasks, chunk, dtype) of streamed data: a pass reads and reduces
     #: a chunk in one task (a third of the tasks of read, take and reduce).
-    read_specs: tuple[tuple[Any, Any, Any], ...] | None = field(default=None, repr=False, compare=False)
+    read_specs: tuple[tuple[Any, Any, Any], ...] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     @property
     def n_rows(self) -> int:
@@ -170,8 +172,14 @@ def data_from_parquet(dataset: parquet_io.ParquetDataset, dtype: Any = "float32"
     """
     dtype = np.dtype(dtype)
     d = dataset.n_features
-    token = dask.base.tokenize(dataset.files, dataset.file_rows, dataset.features, str(dtype),
-                               dataset.weight_column, [c.row_groups for c in dataset.chunks])
+    token = dask.base.tokenize(
+        dataset.files,
+        dataset.file_rows,
+        dataset.features,
+        str(dtype),
+        dataset.weight_column,
+        [c.row_groups for c in dataset.chunks],
+    )
     # every read task carries the plan without its chunk list: the list grows with the data,
     # and one copy of it per task made the graph grow with the square of the chunks
     slim = dataset.for_tasks()
@@ -182,7 +190,10 @@ def data_from_parquet(dataset: parquet_io.ParquetDataset, dtype: Any = "float32"
         for i, chunk in enumerate(dataset.chunks)
     ]
     X = da.concatenate(
-        [da.from_delayed(p[0], shape=(c.n_rows, d), dtype=dtype) for p, c in zip(parts, dataset.chunks, strict=True)]
+        [
+            da.from_delayed(p[0], shape=(c.n_rows, d), dtype=dtype)
+            for p, c in zip(parts, dataset.chunks, strict=True)
+        ]
     )
     weights = None
     if dataset.weight_column is not None:
@@ -199,7 +210,9 @@ def data_from_parquet(dataset: parquet_io.ParquetDataset, dtype: Any = "float32"
     )
 
 
-def tree_reduce(parts: Sequence[Delayed], combine: Callable[[T, T], T], split_every: int = 8) -> Delayed:
+def tree_reduce(
+    parts: Sequence[Delayed], combine: Callable[[T, T], T], split_every: int = 8
+) -> Delayed:
     """Combine delayed partial results in a fixed tree: adjacent groups, in order, level by level."""
     if not parts:
         raise ValueError("nothing to reduce")
@@ -219,7 +232,9 @@ def _combine_group(combine: Callable[[T, T], T], items: Sequence[T]) -> T:
     return result
 
 
-def _take_rows(X: np.ndarray, weights: np.ndarray | None, local: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+def _take_rows(
+    X: np.ndarray, weights: np.ndarray | None, local: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None]:
     return X[local], None if weights is None else weights[local]
 
 
@@ -382,5 +397,11 @@ def choose_cache(nbytes: int, memory_limit: int, cache: str = "auto") -> tuple[b
         return True, f"data {size}, workers have no memory limit"
     budget = PERSIST_FRACTION * memory_limit
     if nbytes <= budget:
-        return True, f"data {size} fits in {PERSIST_FRACTION:.0%} of the workers' {memory_limit / 2**20:.0f} MiB"
-    return False, f"data {size} exceeds {PERSIST_FRACTION:.0%} of the workers' {memory_limit / 2**20:.0f} MiB"
+        return (
+            True,
+            f"data {size} fits in {PERSIST_FRACTION:.0%} of the workers' {memory_limit / 2**20:.0f} MiB",
+        )
+    return (
+        False,
+        f"data {size} exceeds {PERSIST_FRACTION:.0%} of the workers' {memory_limit / 2**20:.0f} MiB",
+    )
