@@ -21,7 +21,7 @@ from dask.base import tokenize
 from dask.delayed import Delayed, delayed
 from dask.highlevelgraph import HighLevelGraph
 
-from .passes import DaskData, gather_rows, tree_reduce
+from .passes import RETRIES, DaskData, gather_rows, tree_reduce
 
 __all__ = [
     "KMeansParallelInfo",
@@ -286,10 +286,10 @@ def _first_center(data: DaskData, seed: int) -> tuple[np.ndarray, int]:
             delayed(_first_key_chunk, pure=True)(w, seed, off)
             for w, off in zip(data.weights.to_delayed().ravel(), data.offsets, strict=True)
         ]
-        ((key, index),) = dask.compute(tree_reduce(parts, _min_key))
+        ((key, index),) = dask.compute(tree_reduce(parts, _min_key), retries=RETRIES)
         if not np.isfinite(key):
             raise ValueError("every row has sample weight 0; no centre can be chosen.")
-    (row,) = dask.compute(data.X[int(index)])
+    (row,) = dask.compute(data.X[int(index)], retries=RETRIES)
     return np.asarray(row, dtype=np.float64), int(index)
 
 
@@ -505,8 +505,8 @@ def kmeans_parallel(
         ell_r = ell if r < rounds else max(ell, 2.0 * k)
         new_state, reduced = _round_graph(data, state, pending, base, seed, r, ell_r, sample)
         if sample:
-            state, reduced = dask.persist(new_state, reduced)
-        (part,) = dask.compute(reduced)
+            state, reduced = dask.persist(new_state, reduced, retries=RETRIES)
+        (part,) = dask.compute(reduced, retries=RETRIES)
         passes += 1
         phi = float(part.phi)
         phis.append(phi)

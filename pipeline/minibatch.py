@@ -36,7 +36,7 @@ from dask.delayed import delayed
 
 from . import kernel, optimizer
 from .kernel import ChunkStats
-from .passes import DaskData, stats_pass, tree_reduce
+from .passes import RETRIES, DaskData, stats_pass, tree_reduce
 
 __all__ = [
     "MINIBATCH_STOP_REASONS",
@@ -116,7 +116,7 @@ def _batch_pass(
         delayed(_batch_stats_task, pure=True)(x, w, q, centers_key, off, k)
         for x, w, q, off in (data_blocks[i] for i in chunks)
     ]
-    (total,) = dask.compute(tree_reduce(parts, kernel.combine_stats))
+    (total,) = dask.compute(tree_reduce(parts, kernel.combine_stats), retries=RETRIES)
     return total
 
 
