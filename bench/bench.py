@@ -28,7 +28,9 @@ Other modes (``--mode``; each also runs as its own script, see its ``--help``):
 * ``--mode e2e`` (bench/e2e.py): Parquet in to labels out, kmeans-gd's CLI against dask-ml;
 * ``--mode scaling`` (bench/scaling.py): seconds per iteration against rows and workers, PNG;
 * ``--mode streaming`` (bench/streaming.py): data several times the workers' memory limit,
-  streamed from Parquet, against one plain pyarrow read.
+  streamed from Parquet, against one plain pyarrow read;
+* ``--mode quality`` (bench/quality.py): final inertia of kmeans-gd, scikit-learn and dask-ml
+  on overlapping blobs of very unequal sizes and spreads, over several seeds.
 """
 
 from __future__ import annotations
@@ -41,7 +43,10 @@ import logging
 import math
 import os
 import platform
+import re
+import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -513,6 +518,8 @@ MODES = {
     "e2e": "end to end, Parquet in to labels out, kmeans-gd's CLI against dask-ml (bench/e2e.py)",
     "scaling": "seconds per iteration against rows and workers, table and PNG (bench/scaling.py)",
     "streaming": "larger than the workers' memory, streamed from Parquet (bench/streaming.py)",
+    "quality": "final inertia on unequal overlapping blobs, against scikit-learn and dask-ml "
+               "(bench/quality.py)",
 }
 
 
@@ -526,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
 
         sys.path.insert(0, str(HERE))
         module = importlib.import_module({"e2e": "e2e", "scaling": "scaling",
-                                          "streaming": "streaming"}[mode.mode])  # fmt: skip
+                                          "streaming": "streaming", "quality": "quality"}[mode.mode])  # fmt: skip
         return int(module.main(rest) or 0)
 
     p = argparse.ArgumentParser(
@@ -534,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="modes: " + "; ".join(f"{m}: {what}" for m, what in MODES.items()),
     )
     p.add_argument("--mode", choices=list(MODES), default="iter",
-                   help="iter (default), e2e, scaling or streaming; see each mode's --help")
+                   help="iter (default), e2e, scaling, streaming or quality; see each mode's --help")
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--dims", type=int, default=32)
     p.add_argument("--k", type=int, default=64)
@@ -694,18 +701,9 @@ def main(argv: list[str] | None = None) -> int:
               f"evaluation, so that makes {args.iters} steps like the others")
 
     record = {
-        "started": started.isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "config": {**vars(args), "data_dir": str(args.data_dir),
                    "results_dir": str(args.results_dir), "centers": centers},
         "data": {"path": str(path), "bytes": n * d * 4},
-        "machine": {
-            "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "load_average_start": load_start,
-            "load_average_end": load_end,
-            "blas": [{k2: v for k2, v in b.items() if k2 != "filepath"} for b in blas],
-        },
-        "versions": _versions(),
         "cluster": workers_info,
         "table": rows,
         "checks": checks,
@@ -719,11 +717,108 @@ def main(argv: list[str] | None = None) -> int:
         },
         "printed": table,
     }
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    out = args.results_dir / f"{started.strftime('%Y%m%dT%H%M%S')}.json"
-    out.write_text(json.dumps(record, indent=1, default=_json_default))
+    blas = [{k2: v for k2, v in b.items() if k2 != "filepath"} for b in blas]
+    out = write_record(args.results_dir, None, started, record, load_start=load_start,
+                       load_end=load_end, machine={"blas": blas})  # fmt: skip
     print(f"\nwritten {out}")
     return 0
+
+
+# ------------------------------------------------------------------------------------------
+# shared by the modes: the kmeans-gd command line, the JSON record
+# ------------------------------------------------------------------------------------------
+
+
+def kmeans_gd_command() -> list[str]:
+    """The installed ``kmeans-gd`` console script of this interpreter's environment, or
+    ``python -m flows.cli`` when it is not installed."""
+    script = Path(sys.executable).parent / "kmeans-gd"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "flows.cli"]
+
+
+_ITERATION_LINE = re.compile(r"^iteration (\d+) .*\bseconds ([0-9.]+)\s*$", re.MULTILINE)
+
+
+def run_cli_fit(
+    data: Path, out: Path, k: int, extra: list[str], *, env: dict[str, str] | None = None,
+    timeout: float | None = None, quiet: bool = True,
+) -> dict[str, Any]:
+    """``kmeans-gd fit`` in a subprocess (its own process group), its process tree sampled for
+    memory. After ``timeout`` seconds the group is terminated (a stalled fit: paused workers).
+    Returns the wall time, exit code, whether it timed out, the tail of stderr/stdout
+    (``output_tail``: stderr's, or stdout's if stderr is empty), the sampled memory and either
+    ``model`` (model.json) with ``per_iter`` (the seconds of each iteration in its history) or
+    ``failure``: why there is no model (None when there is one)."""
+    cmd = [*kmeans_gd_command(), "fit", str(data), str(out), "-k", str(k), "--id-column", "id",
+           "--overwrite", "--no-resume", *(["--quiet"] if quiet else []), *extra]  # fmt: skip
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=HERE.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)  # fmt: skip
+    timed_out = False
+    with ProcessTreeSampler(proc.pid) as tree:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGTERM)  # the group of the process started here
+            try:
+                stdout, stderr = proc.communicate(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - t
+    result: dict[str, Any] = {
+        "command": " ".join(cmd), "returncode": proc.returncode, "wall": wall,
+        "timed_out": timed_out, "stdout_tail": stdout[-2000:], "stderr_tail": stderr[-4000:],
+        "output_tail": stderr[-4000:].strip() or stdout[-2000:].strip(),
+        "process_tree": tree.as_dict(),
+        # per-iteration lines printed (without --quiet): what a failed fit got through
+        "printed_iterations": [(int(i), float(sec)) for i, sec in _ITERATION_LINE.findall(stdout)],
+        "failure": None,
+    }  # fmt: skip
+    model = out / "model.json"
+    if proc.returncode == 0 and model.exists():
+        result["model"] = json.loads(model.read_text())
+        result["per_iter"] = [float(h["seconds"]) for h in result["model"]["history"]]
+    elif timed_out:
+        result["failure"] = f"did not finish in {timeout:.0f} s (stalled?) and was stopped"
+    elif proc.returncode != 0:
+        result["failure"] = f"failed with exit code {proc.returncode}"
+    else:
+        result["failure"] = "exited 0 but wrote no model.json"
+    return result
+
+
+STAMP = "%Y%m%dT%H%M%S"  # the timestamp in the names of results
+
+
+def write_record(
+    results_dir: Path, mode: str | None, started: _dt.datetime, record: dict[str, Any], *,
+    load_start: tuple[float, float, float], load_end: tuple[float, float, float] | None = None,
+    machine: dict[str, Any] | None = None,
+) -> Path:
+    """Write a mode's JSON record to ``results_dir/<mode>-<timestamp>.json`` (``<timestamp>.json``
+    without a mode), completed with what every record holds: ``mode``, ``started``, the
+    ``command`` line, ``machine`` (cores, platform, Python, load average at the start and at the
+    end -- now unless given -- and ``machine``'s extra items) and package ``versions``."""
+    load_end = os.getloadavg() if load_end is None else load_end
+    full: dict[str, Any] = {"mode": mode} if mode else {}
+    full |= {
+        "started": started.isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        **record,
+        "machine": {
+            "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "load_average_start": load_start,
+            "load_average_end": load_end, **(machine or {}),
+        },
+        "versions": _versions(),
+    }  # fmt: skip
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stamp = started.strftime(STAMP)
+    out = results_dir / (f"{mode}-{stamp}.json" if mode else f"{stamp}.json")
+    out.write_text(json.dumps(full, indent=1, default=_json_default))
+    return out
 
 
 def _versions() -> dict[str, str]:
