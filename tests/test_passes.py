@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import tracemalloc
 from functools import reduce
 from pathlib import Path
 
@@ -17,10 +18,11 @@ import pytest
 from conftest import blobs, write_parquet, write_split
 from dask.delayed import delayed
 
-from pipeline import kernel, parquet_io
+from pipeline import kernel, parquet_io, passes
 from pipeline.parquet_io import InputError, open_parquet
 from pipeline.passes import (
     DaskData,
+    chunk_bytes_for,
     data_from_array,
     data_from_parquet,
     label_files,
@@ -294,3 +296,46 @@ def test_reduce_helpers_agree_with_functools_reduce(dask_client) -> None:
     ]
     (tree,) = dask.compute(tree_reduce([delayed(p) for p in parts], kernel.combine_stats, 2))
     _assert_same_stats(tree, reduce(kernel.combine_stats, parts))
+
+
+# --------------------------------------------------------------------------------------------
+# chunk size for a task's memory budget
+# --------------------------------------------------------------------------------------------
+
+
+def test_chunk_bytes_for_is_a_share_of_the_budget_within_bounds() -> None:
+    mib = 1 << 20
+    assert chunk_bytes_for(36 * mib) == 18 * mib  # CHUNK_SHARE of it
+    assert chunk_bytes_for(36 * mib) == int(36 * mib * passes.CHUNK_SHARE)
+    assert chunk_bytes_for(mib) == mib  # never under 1 MiB
+    assert chunk_bytes_for(10 * 2**30) == parquet_io.DEFAULT_CHUNK_BYTES  # capped
+    assert chunk_bytes_for(0) == parquet_io.DEFAULT_CHUNK_BYTES  # no limit known
+
+
+def test_reading_and_reducing_a_chunk_fits_the_budget_it_was_sized_for(tmp_path: Path) -> None:
+    # a chunk of 4 row groups: NumPy's peak (the matrix, the fill buffer, the kernel's
+    # per-row arrays) plus Arrow's (one row group's pages and columns at a time) stays
+    # within the budget chunk_bytes_for gives the chunk a share of
+    rng = np.random.default_rng(0)
+    n, d = 4 * 16384, 32
+    table = pa.table({f"x{j}": rng.normal(size=n).astype(np.float32) for j in range(d)})
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=n // 4)
+    ds = open_parquet(tmp_path / "t.parquet", chunk_bytes=n * d * 4)
+    assert [len(c.row_groups) for c in ds.chunks] == [4]
+    centers = rng.normal(size=(1, 16, d))
+    parquet_io._use_returning_allocator()
+    kernel.chunk_stats(np.zeros((64, d), np.float32), centers, n_far=16)  # compiled, loaded
+    previous = pa.default_memory_pool()
+    pool = pa.proxy_memory_pool(previous)  # counts this read's Arrow allocations alone
+    pa.set_memory_pool(pool)
+    tracemalloc.start()
+    try:
+        X, _ = parquet_io.read_chunk(ds, ds.chunks[0])
+        kernel.chunk_stats(X, centers, n_far=16)
+        _, numpy_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        pa.set_memory_pool(previous)
+    budget = X.nbytes / passes.CHUNK_SHARE
+    assert X.nbytes <= numpy_peak  # the measurement sees the matrix
+    assert numpy_peak + pool.max_memory() < budget
