@@ -34,13 +34,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
-import json
 import logging
 import os
-import re
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -56,55 +52,6 @@ for _p in (str(HERE), str(ROOT)):
         sys.path.insert(0, _p)
 
 import bench as core  # bench/bench.py
-
-
-def kmeans_gd_command() -> list[str]:
-    """The installed ``kmeans-gd`` console script of this interpreter's environment, or
-    ``python -m flows.cli`` when it is not installed."""
-    script = Path(sys.executable).parent / "kmeans-gd"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "flows.cli"]
-
-
-_ITERATION_LINE = re.compile(r"^iteration (\d+) .*\bseconds ([0-9.]+)\s*$", re.MULTILINE)
-
-
-def run_cli_fit(
-    data: Path, out: Path, k: int, extra: list[str], *, env: dict[str, str] | None = None,
-    timeout: float | None = None, quiet: bool = True,
-) -> dict[str, Any]:
-    """``kmeans-gd fit`` in a subprocess (its own process group), its process tree sampled for
-    memory. After ``timeout`` seconds the group is terminated (a stalled fit: paused workers).
-    Returns the wall time, exit code, whether it timed out, the tail of stderr/stdout, the
-    sampled memory and, if it succeeded, model.json."""
-    cmd = [*kmeans_gd_command(), "fit", str(data), str(out), "-k", str(k), "--id-column", "id",
-           "--overwrite", "--no-resume", *(["--quiet"] if quiet else []), *extra]  # fmt: skip
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, start_new_session=True)  # fmt: skip
-    timed_out = False
-    with core.ProcessTreeSampler(proc.pid) as tree:
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            os.killpg(proc.pid, signal.SIGTERM)  # the group of the process started here
-            try:
-                stdout, stderr = proc.communicate(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                stdout, stderr = proc.communicate()
-    wall = time.perf_counter() - t
-    result: dict[str, Any] = {
-        "command": " ".join(cmd), "returncode": proc.returncode, "wall": wall,
-        "timed_out": timed_out, "stdout_tail": stdout[-2000:], "stderr_tail": stderr[-4000:],
-        "process_tree": tree.as_dict(),
-        # per-iteration lines printed (without --quiet): what a failed fit got through
-        "printed_iterations": [(int(i), float(sec)) for i, sec in _ITERATION_LINE.findall(stdout)],
-    }  # fmt: skip
-    model = out / "model.json"
-    if proc.returncode == 0 and model.exists():
-        result["model"] = json.loads(model.read_text())
-    return result
 
 
 class _DaskMLTimes(logging.Handler):
@@ -277,7 +224,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     started = _dt.datetime.now()
-    stamp = started.strftime("%Y%m%dT%H%M%S")
+    stamp = started.strftime(core.STAMP)
     load_start = os.getloadavg()
     centers = args.centers or 16 * args.k
     data, gen = core.parquet_data(args.data_dir, args.rows, args.dims, centers, args.files, args.seed)
@@ -296,19 +243,17 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_kmeans_gd:
         if args.warmup:
             tiny, _ = core.parquet_data(args.data_dir, 20_000, args.dims, 64, 2, args.seed)
-            w = run_cli_fit(tiny, work / "warmup", min(args.k, 64),
+            w = core.run_cli_fit(tiny, work / "warmup", min(args.k, 64),
                             ["--init", args.gd_init, "--max-iter", "2", "--tol", "0",
                              "--workers", str(args.workers), "--threads-per-worker", "1"])  # fmt: skip
             print(f"kmeans-gd warm-up (untimed): exit {w['returncode']}, {w['wall']:.1f} s", flush=True)
             shutil.rmtree(work / "warmup", ignore_errors=True)
         extra = ["--init", args.gd_init, "--max-iter", str(gd_max_iter), "--tol", "0",
                  "--seed", str(args.seed), "--workers", str(args.workers), "--threads-per-worker", "1"]  # fmt: skip
-        r = run_cli_fit(data, work / "kmeans-gd", args.k, extra, timeout=args.timeout)
+        r = core.run_cli_fit(data, work / "kmeans-gd", args.k, extra, timeout=args.timeout)
         print(f"kmeans-gd: exit {r['returncode']}, wall {r['wall']:.1f} s", flush=True)
-        if "model" not in r:
-            failures.append(f"kmeans-gd fit failed (exit {r['returncode']}"
-                            f"{', timed out' if r['timed_out'] else ''}): {r['command']}\n"
-                            f"{r['stderr_tail'].strip() or r['stdout_tail'].strip()}")  # fmt: skip
+        if r["failure"]:
+            failures.append(f"kmeans-gd fit {r['failure']}: {r['command']}\n{r['output_tail']}")
             print("FAILED: " + failures[-1], file=sys.stderr, flush=True)
         runs["kmeans-gd"] = r
 
@@ -333,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     if "model" in runs.get("kmeans-gd", {}):
         r, m = runs["kmeans-gd"], runs["kmeans-gd"]["model"]
         sec = m["seconds"]
-        per = [float(h["seconds"]) for h in m["history"]]
+        per = r["per_iter"]
         rows.append({
             "method": "kmeans-gd (CLI)", "total": sec["total"], "wall": r["wall"], "load": None,
             "init": sec["init"], "iterations": sec["iterations"],
@@ -384,21 +329,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAILED: {f.splitlines()[0]}")
 
     record = {
-        "mode": "e2e", "started": started.isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "config": {k: v for k, v in vars(args).items() if k != "extra_centers"},
         "data": {"path": str(data), "bytes_in_memory": nbytes, "bytes_parquet": disk, "centers": centers},
-        "machine": {"cpu_count": os.cpu_count(), "load_average_start": load_start, "load_average_end": load_end},
-        "versions": core._versions(), "table": rows, "checks": checks, "failures": failures,
+        "table": rows, "checks": checks, "failures": failures,
         "runs": {name: {k: v for k, v in r.items() if k not in ("centers", "model")} |
                  ({"model_seconds": r["model"]["seconds"], "history": r["model"]["history"],
                    "workers_peak_memory": r["model"].get("workers_peak_memory")} if "model" in r else {})
                  for name, r in runs.items()},
         "printed": printed,
     }  # fmt: skip
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    out = args.results_dir / f"e2e-{stamp}.json"
-    out.write_text(json.dumps(record, indent=1, default=core._json_default))
+    out = core.write_record(args.results_dir, "e2e", started, record, load_start=load_start,
+                            load_end=load_end)  # fmt: skip
     if not args.keep_outputs:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\nwritten {out}")

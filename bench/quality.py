@@ -169,7 +169,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--spread-ratio", type=float, default=10.0,
                    help="widest / tightest blob's standard deviation (default 10)")
     p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--chunk-rows", type=int, default=25_000, help="rows per Dask chunk (default 25000)")
+    p.add_argument("--chunk-rows", type=int, default=None,
+                   help="rows per Dask chunk (default: two chunks per worker)")
     p.add_argument("--skip-daskml", action="store_true")
     p.add_argument("--results-dir", type=Path, default=HERE / "results")
     return p
@@ -194,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = LocalClusterSpec(n_workers=args.workers, threads_per_worker=1)
     with dask_client(spec) as client:
         client.run(core._warm_up, args.k, args.dims)
-        Xd = da.from_array(X, chunks=(args.chunk_rows, args.dims)).persist()
+        chunk_rows = args.chunk_rows or -(-args.rows // (2 * args.workers))
+        Xd = da.from_array(X, chunks=(chunk_rows, args.dims)).persist()
         distributed.wait(Xd)
         for seed in range(args.seeds):
             for m in methods:
@@ -232,10 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"quality: rows={args.rows} dims={args.dims} k={args.k} seeds={args.seeds} "
           f"n_init={args.n_init} max_iter={args.max_iter} tol={args.tol:g} "
-          f"workers={args.workers}x1 thread; load average {load_start[0]:.1f} -> {load_end[0]:.1f}")
+          f"workers={args.workers}x1 thread, chunks of {chunk_rows} rows; load average {load_start[0]:.1f} -> {load_end[0]:.1f}")
     print(printed)
     print("inertia: recomputed here in float64 from each result's centres (sum of the smallest "
           "squared distance); min/max/median over the fit seeds.")
+    print(f"note: tol={args.tol:g} is each library's own stopping rule (kmeans-gd: relative loss "
+          "decrease or centre shift; scikit-learn: centre shift / feature variance; dask-ml: "
+          "absolute squared centre shift); --tol 0 runs all of them to convergence or --max-iter.")
     if "dask-ml" in runs:
         print("note: dask-ml has no n_init for k-means||: one start per seed.")
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import statistics
 import sys
@@ -209,17 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"plot: {args.png}")
 
     record = {
-        "mode": "scaling", "started": started.isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "config": vars(args) | {"centers": centers}, "data": {"path": str(path)},
-        "machine": {"cpu_count": os.cpu_count(), "load_average_start": load_start,
-                    "load_average_end": load_end},
-        "versions": core._versions(), "runs": runs, "linear_fit": fit, "png": str(args.png),
-        "printed": printed,
+        "runs": runs, "linear_fit": fit, "png": str(args.png), "printed": printed,
     }  # fmt: skip
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    out_json = args.results_dir / f"scaling-{started.strftime('%Y%m%dT%H%M%S')}.json"
-    out_json.write_text(json.dumps(record, indent=1, default=core._json_default))
+    out_json = core.write_record(args.results_dir, "scaling", started, record,
+                                 load_start=load_start, load_end=load_end)  # fmt: skip
     print(f"written {out_json}")
     return 0
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import math
 import os
 import shutil
@@ -44,8 +43,6 @@ ROOT = HERE.parent
 for _p in (str(HERE), str(ROOT)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
-
-import e2e  # bench/e2e.py: the CLI runner
 
 import bench as core  # bench/bench.py
 
@@ -125,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     from dask.utils import format_bytes, parse_bytes
 
     started = _dt.datetime.now()
-    stamp = started.strftime("%Y%m%dT%H%M%S")
+    stamp = started.strftime(core.STAMP)
     load_start = os.getloadavg()
     limit = parse_bytes(args.memory_limit)
     total_limit = args.workers * limit
@@ -161,17 +158,11 @@ def main(argv: list[str] | None = None) -> int:
              "--workers", str(args.workers), "--threads-per-worker", "1"]  # fmt: skip
     print("running: kmeans-gd fit ... " + " ".join(extra), flush=True)
     with SpillWatcher(scratch) as spill:
-        r = e2e.run_cli_fit(data, work / "out", args.k, extra, env=env, timeout=args.timeout,
+        r = core.run_cli_fit(data, work / "out", args.k, extra, env=env, timeout=args.timeout,
                             quiet=False)
     r["spilled_peak_bytes"] = spill.peak
     tree = r["process_tree"]
-    failures: list[str] = []
-    if r["timed_out"]:
-        failures.append(f"the fit did not finish in {args.timeout:.0f} s (stalled?) and was stopped")
-    elif r["returncode"] != 0:
-        failures.append(f"the fit failed with exit code {r['returncode']}")
-    elif "model" not in r:
-        failures.append("the fit exited 0 but wrote no model.json")
+    failures = [f"the fit {r['failure']}"] if r["failure"] else []
 
     lines = [
         (f"streaming: rows={rows} dims={d} k={args.k} workers={args.workers}x1 thread "
@@ -184,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     checks: dict[str, Any] = {"data_over_limit": ratio}
     model = r.get("model")
     if model:
-        per = [float(h["seconds"]) for h in model["history"]]
+        per = r["per_iter"]
         med = statistics.median(per)
         checks["per_iter_over_plain_read"] = med / read["seconds"]
         checks["cache"] = model["parameters"].get("cache")
@@ -239,13 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(printed)
     if failures:
-        tail = (r["stderr_tail"].strip() or r["stdout_tail"].strip()).splitlines()[-15:]
+        tail = r["output_tail"].splitlines()[-15:]
         print("FAILED: " + "; ".join(failures))
         print("  end of its output:\n    " + "\n    ".join(tail))
 
     record = {
-        "mode": "streaming", "started": started.isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "config": vars(args) | {"rows": rows, "files": files, "centers": centers},
         "data": {"path": str(data), "bytes_in_memory": nbytes, "bytes_parquet": disk},
         "memory_limit_per_worker": limit, "total_memory_limit": total_limit,
@@ -253,14 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         "model": {k: model[k] for k in ("seconds", "history", "workers_peak_memory", "inertia",
                                         "n_iter", "stop_reason", "parameters") if k in model}
         if model else None,
-        "checks": checks, "verdict": verdict, "failures": failures,
-        "machine": {"cpu_count": os.cpu_count(), "load_average_start": load_start,
-                    "load_average_end": os.getloadavg()},
-        "versions": core._versions(), "printed": printed,
+        "checks": checks, "verdict": verdict, "failures": failures, "printed": printed,
     }  # fmt: skip
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    out = args.results_dir / f"streaming-{stamp}.json"
-    out.write_text(json.dumps(record, indent=1, default=core._json_default))
+    out = core.write_record(args.results_dir, "streaming", started, record, load_start=load_start)
     if not args.keep_outputs:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\nwritten {out}")
