@@ -154,7 +154,9 @@ def persisted_array(
         ]
     )
     held = client.has_what()
-    counts = [sum(1 for key in held.get(w, ()) if str(key).startswith("bench-rows-")) for w in workers]
+    counts = [
+        sum(1 for key in held.get(w, ()) if str(key).startswith("bench-rows-")) for w in workers
+    ]
     return arr, counts
 
 
@@ -494,6 +496,7 @@ def _fmt_table(rows: list[dict[str, Any]]) -> str:
             "main RSS MB", "workers RSS MB", "inertia", "rel. inertia")  # fmt: skip
     lines = [head]
     for r in rows:
+
         def f(v: Any, p: str = ".3f") -> str:
             return "-" if v is None else format(v, p)
 
@@ -507,7 +510,11 @@ def _fmt_table(rows: list[dict[str, Any]]) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     out = []
     for j, line in enumerate(lines):
-        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+        out.append(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))
+            )
+        )
         if j == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
@@ -519,7 +526,7 @@ MODES = {
     "scaling": "seconds per iteration against rows and workers, table and PNG (bench/scaling.py)",
     "streaming": "larger than the workers' memory, streamed from Parquet (bench/streaming.py)",
     "quality": "final inertia on unequal overlapping blobs, against scikit-learn and dask-ml "
-               "(bench/quality.py)",
+    "(bench/quality.py)",
 }
 
 
@@ -540,22 +547,37 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0],
         epilog="modes: " + "; ".join(f"{m}: {what}" for m, what in MODES.items()),
     )
-    p.add_argument("--mode", choices=list(MODES), default="iter",
-                   help="iter (default), e2e, scaling, streaming or quality; see each mode's --help")
+    p.add_argument(
+        "--mode",
+        choices=list(MODES),
+        default="iter",
+        help="iter (default), e2e, scaling, streaming or quality; see each mode's --help",
+    )
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--dims", type=int, default=32)
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--centers", type=int, default=None,
-                   help="true blob centres (default: 16 k, so Lloyd needs ~100 iterations)")
+    p.add_argument(
+        "--centers",
+        type=int,
+        default=None,
+        help="true blob centres (default: 16 k, so Lloyd needs ~100 iterations)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--chunk-rows", type=int, default=None,
-                   help="rows per Dask chunk (default: as many chunks as kmeans-gd's 64 MiB "
-                        "chunks would make, rounded up to a multiple of --workers, equal sizes)")
-    p.add_argument("--literal-max-iter", action="store_true",
-                   help="run kmeans-gd with max_iter=iters (iters passes, iters-1 steps) instead "
-                        "of iters+1 (iters steps, as scikit-learn and dask-ml make)")
+    p.add_argument(
+        "--chunk-rows",
+        type=int,
+        default=None,
+        help="rows per Dask chunk (default: as many chunks as kmeans-gd's 64 MiB "
+        "chunks would make, rounded up to a multiple of --workers, equal sizes)",
+    )
+    p.add_argument(
+        "--literal-max-iter",
+        action="store_true",
+        help="run kmeans-gd with max_iter=iters (iters passes, iters-1 steps) instead "
+        "of iters+1 (iters steps, as scikit-learn and dask-ml make)",
+    )
     p.add_argument("--skip-daskml", action="store_true")
     p.add_argument("--skip-sklearn", action="store_true")
     p.add_argument("--floor-reps", type=int, default=3)
@@ -579,8 +601,11 @@ def main(argv: list[str] | None = None) -> int:
     gd_max_iter = args.iters if args.literal_max_iter else args.iters + 1
     path = data_path(args.data_dir, n, d, centers, args.seed)
     gen_seconds = generate(path, n, d, centers, args.seed)
-    print(f"data: {path} ({n} x {d} float32, {n * d * 4 / 2**30:.2f} GiB)"
-          + (f", generated in {gen_seconds:.1f} s" if gen_seconds else ", cached"), flush=True)
+    print(
+        f"data: {path} ({n} x {d} float32, {n * d * 4 / 2**30:.2f} GiB)"
+        + (f", generated in {gen_seconds:.1f} s" if gen_seconds else ", cached"),
+        flush=True,
+    )
     init = initial_means(path, k, args.seed)
     flops = 2.0 * n * d * k
 
@@ -592,8 +617,11 @@ def main(argv: list[str] | None = None) -> int:
         client.run(_warm_up, k, d)
         with MemorySampler(pids) as mem:
             X, held = persisted_array(client, path, chunk_rows)
-        print(f"cluster: {args.workers} workers x 1 thread; {X.numblocks[0]} chunks of "
-              f"{chunk_rows} rows, per worker {held}; load {mem.as_dict()}", flush=True)
+        print(
+            f"cluster: {args.workers} workers x 1 thread; {X.numblocks[0]} chunks of "
+            f"{chunk_rows} rows, per worker {held}; load {mem.as_dict()}",
+            flush=True,
+        )
 
         # (d) the floor, on the workers, over the persisted chunks
         C32 = init.astype(np.float32)
@@ -682,7 +710,9 @@ def main(argv: list[str] | None = None) -> int:
         if marg:
             checks["kmeans_gd_over_sklearn_marginal"] = base_med / marg
     if "dask-ml" in results:
-        checks["daskml_over_kmeans_gd"] = statistics.median(results["dask-ml"]["per_iter"]) / base_med
+        checks["daskml_over_kmeans_gd"] = (
+            statistics.median(results["dask-ml"]["per_iter"]) / base_med
+        )
     load_end = os.getloadavg()
 
     print()
@@ -697,12 +727,18 @@ def main(argv: list[str] | None = None) -> int:
         if r["n_iter"] != (gd_max_iter if name == "kmeans-gd" else args.iters):
             print(f"note: {name} stopped after {r['n_iter']} iterations")
     if not args.literal_max_iter:
-        print(f"note: kmeans-gd ran with max_iter={gd_max_iter}: it counts passes and ends on an "
-              f"evaluation, so that makes {args.iters} steps like the others")
+        print(
+            f"note: kmeans-gd ran with max_iter={gd_max_iter}: it counts passes and ends on an "
+            f"evaluation, so that makes {args.iters} steps like the others"
+        )
 
     record = {
-        "config": {**vars(args), "data_dir": str(args.data_dir),
-                   "results_dir": str(args.results_dir), "centers": centers},
+        "config": {
+            **vars(args),
+            "data_dir": str(args.data_dir),
+            "results_dir": str(args.results_dir),
+            "centers": centers,
+        },
         "data": {"path": str(path), "bytes": n * d * 4},
         "cluster": workers_info,
         "table": rows,
@@ -740,8 +776,14 @@ _ITERATION_LINE = re.compile(r"^iteration (\d+) .*\bseconds ([0-9.]+)\s*$", re.M
 
 
 def run_cli_fit(
-    data: Path, out: Path, k: int, extra: list[str], *, env: dict[str, str] | None = None,
-    timeout: float | None = None, quiet: bool = True,
+    data: Path,
+    out: Path,
+    k: int,
+    extra: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float | None = None,
+    quiet: bool = True,
 ) -> dict[str, Any]:
     """``kmeans-gd fit`` in a subprocess (its own process group), its process tree sampled for
     memory. After ``timeout`` seconds the group is terminated (a stalled fit: paused workers).
@@ -793,8 +835,13 @@ STAMP = "%Y%m%dT%H%M%S"  # the timestamp in the names of results
 
 
 def write_record(
-    results_dir: Path, mode: str | None, started: _dt.datetime, record: dict[str, Any], *,
-    load_start: tuple[float, float, float], load_end: tuple[float, float, float] | None = None,
+    results_dir: Path,
+    mode: str | None,
+    started: _dt.datetime,
+    record: dict[str, Any],
+    *,
+    load_start: tuple[float, float, float],
+    load_end: tuple[float, float, float] | None = None,
     machine: dict[str, Any] | None = None,
 ) -> Path:
     """Write a mode's JSON record to ``results_dir/<mode>-<timestamp>.json`` (``<timestamp>.json``
@@ -825,7 +872,15 @@ def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {}
-    for name in ("numpy", "numba", "dask", "distributed", "scikit-learn", "dask-ml", "threadpoolctl"):
+    for name in (
+        "numpy",
+        "numba",
+        "dask",
+        "distributed",
+        "scikit-learn",
+        "dask-ml",
+        "threadpoolctl",
+    ):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:

@@ -70,8 +70,11 @@ class _DaskMLTimes(logging.Handler):
             self.records.append((what, record.args[1].total_seconds()))
             if what.startswith("Lloyd loop"):
                 self.last_loop_finished = record.created
-        elif (record.msg == "Starting %s" and str(record.args[0]).startswith("Lloyd loop")
-              and self.first_loop_started is None):
+        elif (
+            record.msg == "Starting %s"
+            and str(record.args[0]).startswith("Lloyd loop")
+            and self.first_loop_started is None
+        ):
             self.first_loop_started = record.created
 
 
@@ -91,7 +94,9 @@ def _daskml_times() -> Iterator[_DaskMLTimes]:
         logger.propagate = old[1]
 
 
-def run_daskml(data: Path, out: Path, args: argparse.Namespace, features: list[str]) -> dict[str, Any]:
+def run_daskml(
+    data: Path, out: Path, args: argparse.Namespace, features: list[str]
+) -> dict[str, Any]:
     """dask-ml end to end on an embedded cluster like kmeans-gd's; returns timings, means, own
     inertia, workers' peak memory, and the exact inertia of ``extra_centers`` (computed after
     the timings on the same cluster)."""
@@ -146,7 +151,9 @@ def run_daskml(data: Path, out: Path, args: argparse.Namespace, features: list[s
         del X, df, labels, table
         if args.extra_centers is not None:
             Xi = dd.read_parquet(str(data), columns=features).to_dask_array(lengths=True)
-            r["exact_inertias"] = core.exact_inertias(Xi, {**args.extra_centers, "dask-ml": r["centers"]})
+            r["exact_inertias"] = core.exact_inertias(
+                Xi, {**args.extra_centers, "dask-ml": r["centers"]}
+            )
     return r
 
 
@@ -180,7 +187,11 @@ def table(rows: list[dict[str, Any]]) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     out = []
     for j, line in enumerate(lines):
-        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+        out.append(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))
+            )
+        )
         if j == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
@@ -202,20 +213,38 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--files", type=int, default=16, help="Parquet files (default 16)")
     p.add_argument("--centers", type=int, default=None, help="true blob centres (default 16 k)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--gd-init", default="k-means||",
-                   help="kmeans-gd's --init (default k-means||; k-means++ if the CLI lacks it)")
+    p.add_argument(
+        "--gd-init",
+        default="k-means||",
+        help="kmeans-gd's --init (default k-means||; k-means++ if the CLI lacks it)",
+    )
     p.add_argument("--daskml-init", default="k-means||")
-    p.add_argument("--no-daskml-persist", dest="daskml_persist", action="store_false",
-                   help="do not persist dask-ml's array (every pass then re-reads Parquet)")
-    p.add_argument("--literal-max-iter", action="store_true",
-                   help="kmeans-gd --max-iter ITERS instead of ITERS+1")
+    p.add_argument(
+        "--no-daskml-persist",
+        dest="daskml_persist",
+        action="store_false",
+        help="do not persist dask-ml's array (every pass then re-reads Parquet)",
+    )
+    p.add_argument(
+        "--literal-max-iter",
+        action="store_true",
+        help="kmeans-gd --max-iter ITERS instead of ITERS+1",
+    )
     p.add_argument("--skip-daskml", action="store_true")
     p.add_argument("--skip-kmeans-gd", action="store_true")
-    p.add_argument("--no-warmup", dest="warmup", action="store_false",
-                   help="skip the untimed tiny kmeans-gd run that fills numba's on-disk cache")
+    p.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        help="skip the untimed tiny kmeans-gd run that fills numba's on-disk cache",
+    )
     p.add_argument("--keep-outputs", action="store_true", help="keep the labels written")
-    p.add_argument("--timeout", type=float, default=None,
-                   help="seconds after which the kmeans-gd subprocess is stopped (default none)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds after which the kmeans-gd subprocess is stopped (default none)",
+    )
     p.add_argument("--data-dir", type=Path, default=HERE / "data")
     p.add_argument("--results-dir", type=Path, default=HERE / "results")
     return p
@@ -227,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     stamp = started.strftime(core.STAMP)
     load_start = os.getloadavg()
     centers = args.centers or 16 * args.k
-    data, gen = core.parquet_data(args.data_dir, args.rows, args.dims, centers, args.files, args.seed)
+    data, gen = core.parquet_data(
+        args.data_dir, args.rows, args.dims, centers, args.files, args.seed
+    )
     features = [f"x{j}" for j in range(args.dims)]
     nbytes = args.rows * args.dims * 4
     disk = sum(f.stat().st_size for f in data.glob("*.parquet"))
@@ -246,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
             w = core.run_cli_fit(tiny, work / "warmup", min(args.k, 64),
                             ["--init", args.gd_init, "--max-iter", "2", "--tol", "0",
                              "--workers", str(args.workers), "--threads-per-worker", "1"])  # fmt: skip
-            print(f"kmeans-gd warm-up (untimed): exit {w['returncode']}, {w['wall']:.1f} s", flush=True)
+            print(
+                f"kmeans-gd warm-up (untimed): exit {w['returncode']}, {w['wall']:.1f} s",
+                flush=True,
+            )
             shutil.rmtree(work / "warmup", ignore_errors=True)
         extra = ["--init", args.gd_init, "--max-iter", str(gd_max_iter), "--tol", "0",
                  "--seed", str(args.seed), "--workers", str(args.workers), "--threads-per-worker", "1"]  # fmt: skip
@@ -310,10 +344,12 @@ def main(argv: list[str] | None = None) -> int:
           f"--max-iter {gd_max_iter}; dask-ml init={args.daskml_init} persist={args.daskml_persist}; "
           f"load average {load_start[0]:.1f} -> {load_end[0]:.1f}")  # fmt: skip
     print(printed)
-    print("total: kmeans-gd = model.json seconds.total (the flow, from its start incl. the cluster's "
-          "start); dask-ml = from the cluster's start to the labels written. wall: kmeans-gd's "
-          "subprocess (adds Python, imports, Prefect's temporary server). other = total - the "
-          "phases (cluster start, input checks; dask-ml: its extra inertia pass at the end of fit).")
+    print(
+        "total: kmeans-gd = model.json seconds.total (the flow, from its start incl. the cluster's "
+        "start); dask-ml = from the cluster's start to the labels written. wall: kmeans-gd's "
+        "subprocess (adds Python, imports, Prefect's temporary server). other = total - the "
+        "phases (cluster start, input checks; dask-ml: its extra inertia pass at the end of fit)."
+    )
     checks = {}
     if len(rows) == 2 and rows[0]["method"].startswith("kmeans-gd"):
         checks = {"daskml_over_kmeans_gd_total": rows[1]["total"] / rows[0]["total"],

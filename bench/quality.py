@@ -147,7 +147,11 @@ def table(rows: list[dict[str, Any]]) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     out = []
     for j, line in enumerate(lines):
-        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+        out.append(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))
+            )
+        )
         if j == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
@@ -157,20 +161,40 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench/quality.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--dims", type=int, default=8)
-    p.add_argument("--k", type=int, default=10, help="clusters fitted and blobs generated (default 10)")
+    p.add_argument(
+        "--k", type=int, default=10, help="clusters fitted and blobs generated (default 10)"
+    )
     p.add_argument("--seeds", type=int, default=5, help="fit seeds 0 .. SEEDS-1 (default 5)")
-    p.add_argument("--n-init", type=int, default=3,
-                   help="starts for kmeans-gd and scikit-learn (default 3; dask-ml: always 1)")
-    p.add_argument("--workers", type=int, default=2,
-                   help="cluster workers x 1 thread; scikit-learn's threads (default 2)")
+    p.add_argument(
+        "--n-init",
+        type=int,
+        default=3,
+        help="starts for kmeans-gd and scikit-learn (default 3; dask-ml: always 1)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="cluster workers x 1 thread; scikit-learn's threads (default 2)",
+    )
     p.add_argument("--max-iter", type=int, default=300)
     p.add_argument("--tol", type=float, default=1e-4)
-    p.add_argument("--size-ratio", type=float, default=100.0, help="largest / smallest blob (default 100)")
-    p.add_argument("--spread-ratio", type=float, default=10.0,
-                   help="widest / tightest blob's standard deviation (default 10)")
+    p.add_argument(
+        "--size-ratio", type=float, default=100.0, help="largest / smallest blob (default 100)"
+    )
+    p.add_argument(
+        "--spread-ratio",
+        type=float,
+        default=10.0,
+        help="widest / tightest blob's standard deviation (default 10)",
+    )
     p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--chunk-rows", type=int, default=None,
-                   help="rows per Dask chunk (default: two chunks per worker)")
+    p.add_argument(
+        "--chunk-rows",
+        type=int,
+        default=None,
+        help="rows per Dask chunk (default: two chunks per worker)",
+    )
     p.add_argument("--skip-daskml", action="store_true")
     p.add_argument("--results-dir", type=Path, default=HERE / "results")
     return p
@@ -187,8 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
     X, info = make_blobs(args.rows, args.dims, args.k, args.data_seed, args.size_ratio,
                          args.spread_ratio)  # fmt: skip
-    print(f"data: {args.rows} x {args.dims} float32, {args.k} blobs, sizes {info['sizes']}, "
-          f"spreads {[round(s, 2) for s in info['spreads']]} (data seed {args.data_seed})", flush=True)
+    print(
+        f"data: {args.rows} x {args.dims} float32, {args.k} blobs, sizes {info['sizes']}, "
+        f"spreads {[round(s, 2) for s in info['spreads']]} (data seed {args.data_seed})",
+        flush=True,
+    )
     reference = inertia(X, info["centers"])
     methods = [m for m in METHODS if not (m == "dask-ml" and args.skip_daskml)]
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
@@ -209,8 +236,11 @@ def main(argv: list[str] | None = None) -> int:
                 r["seed"] = seed
                 r["inertia"] = inertia(X, r.pop("centers"))
                 runs[m].append(r)
-                print(f"seed {seed} {m}: inertia {r['inertia']:.6e}, {r['n_iter']} iterations, "
-                      f"{r['seconds']:.2f} s", flush=True)
+                print(
+                    f"seed {seed} {m}: inertia {r['inertia']:.6e}, {r['n_iter']} iterations, "
+                    f"{r['seconds']:.2f} s",
+                    flush=True,
+                )
         del Xd
 
     rows = []
@@ -232,15 +262,21 @@ def main(argv: list[str] | None = None) -> int:
     printed = table(rows)
     load_end = os.getloadavg()
     print()
-    print(f"quality: rows={args.rows} dims={args.dims} k={args.k} seeds={args.seeds} "
-          f"n_init={args.n_init} max_iter={args.max_iter} tol={args.tol:g} "
-          f"workers={args.workers}x1 thread, chunks of {chunk_rows} rows; load average {load_start[0]:.1f} -> {load_end[0]:.1f}")
+    print(
+        f"quality: rows={args.rows} dims={args.dims} k={args.k} seeds={args.seeds} "
+        f"n_init={args.n_init} max_iter={args.max_iter} tol={args.tol:g} "
+        f"workers={args.workers}x1 thread, chunks of {chunk_rows} rows; load average {load_start[0]:.1f} -> {load_end[0]:.1f}"
+    )
     print(printed)
-    print("inertia: recomputed here in float64 from each result's centres (sum of the smallest "
-          "squared distance); min/max/median over the fit seeds.")
-    print(f"note: tol={args.tol:g} is each library's own stopping rule (kmeans-gd: relative loss "
-          "decrease or centre shift; scikit-learn: centre shift / feature variance; dask-ml: "
-          "absolute squared centre shift); --tol 0 runs all of them to convergence or --max-iter.")
+    print(
+        "inertia: recomputed here in float64 from each result's centres (sum of the smallest "
+        "squared distance); min/max/median over the fit seeds."
+    )
+    print(
+        f"note: tol={args.tol:g} is each library's own stopping rule (kmeans-gd: relative loss "
+        "decrease or centre shift; scikit-learn: centre shift / feature variance; dask-ml: "
+        "absolute squared centre shift); --tol 0 runs all of them to convergence or --max-iter."
+    )
     if "dask-ml" in runs:
         print("note: dask-ml has no n_init for k-means||: one start per seed.")
 

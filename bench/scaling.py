@@ -123,13 +123,21 @@ def draw(png: Path, by_rows: list[dict[str, Any]], by_workers: list[dict[str, An
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench/scaling.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=_ints, default=_ints("1000000,2500000,5000000,10000000"),
-                   help="rows, comma separated (default 1M,2.5M,5M,10M)")
+    p.add_argument(
+        "--sizes",
+        type=_ints,
+        default=_ints("1000000,2500000,5000000,10000000"),
+        help="rows, comma separated (default 1M,2.5M,5M,10M)",
+    )
     p.add_argument("--dims", type=int, default=32)
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--iters", type=int, default=10, help="Lloyd steps per run (default 10)")
-    p.add_argument("--workers-list", type=_ints, default=[1, 2],
-                   help="worker counts, comma separated (default 1,2)")
+    p.add_argument(
+        "--workers-list",
+        type=_ints,
+        default=[1, 2],
+        help="worker counts, comma separated (default 1,2)",
+    )
     p.add_argument("--centers", type=int, default=None, help="true blob centres (default 16 k)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--png", type=Path, default=HERE / "results" / "scaling.png")
@@ -165,8 +173,11 @@ def main(argv: list[str] | None = None) -> int:
                 r = run_one(client, path, n, d, init, args.iters, w_rows, pids)
                 r["workers"] = w
                 runs.append(r)
-                print(f"workers={w} rows={n}: {r['median']:.3f} s/iter "
-                      f"(min {r['min']:.3f}, max {r['max']:.3f}; {r['n_iter']} passes)", flush=True)
+                print(
+                    f"workers={w} rows={n}: {r['median']:.3f} s/iter "
+                    f"(min {r['min']:.3f}, max {r['max']:.3f}; {r['n_iter']} passes)",
+                    flush=True,
+                )
 
     by_rows = sorted((r for r in runs if r["workers"] == w_rows), key=lambda r: r["rows"])
     by_workers = sorted((r for r in runs if r["rows"] == big), key=lambda r: r["workers"])
@@ -177,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
             "fit s/iter", "speed-up vs 1 worker", "workers RSS MB")  # fmt: skip
     lines = [head]
     for r in sorted(runs, key=lambda r: (r["workers"], r["rows"])):
-        pred = fit["intercept_s"] + fit["slope_s_per_row"] * r["rows"] if r["workers"] == w_rows else None
+        pred = (
+            fit["intercept_s"] + fit["slope_s_per_row"] * r["rows"]
+            if r["workers"] == w_rows
+            else None
+        )
         lines.append((
             str(r["workers"]), str(r["rows"]), f"{sum(r['chunks_per_worker'])}x{r['chunk_rows']}",
             f"{r['median']:.3f}", f"{r['min']:.3f}", f"{r['max']:.3f}",
@@ -198,12 +213,16 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(title)
     print(printed)
-    print(f"linear fit on {w_rows} workers: {fit['intercept_s']:.4f} s + "
-          f"{fit['slope_s_per_million_rows']:.4f} s per million rows, R² {fit['r2']:.4f}")
+    print(
+        f"linear fit on {w_rows} workers: {fit['intercept_s']:.4f} s + "
+        f"{fit['slope_s_per_million_rows']:.4f} s per million rows, R² {fit['r2']:.4f}"
+    )
     for r in runs:
         if r["n_iter"] != args.iters + 1:
-            print(f"note: workers={r['workers']} rows={r['rows']} stopped after {r['n_iter']} "
-                  f"passes ({r['stop_reason']})")
+            print(
+                f"note: workers={r['workers']} rows={r['rows']} stopped after {r['n_iter']} "
+                f"passes ({r['stop_reason']})"
+            )
     draw(args.png, by_rows, by_workers, fit, title)
     print(f"plot: {args.png}")
 

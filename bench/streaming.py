@@ -95,22 +95,38 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench/streaming.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--memory-limit", default="512MB", help="per worker (default 512MB)")
-    p.add_argument("--rows", type=int, default=None,
-                   help="rows (default: enough for --ratio times the total memory limit)")
-    p.add_argument("--ratio", type=float, default=4.5,
-                   help="data size / total memory limit when --rows is not given (default 4.5)")
+    p.add_argument(
+        "--rows",
+        type=int,
+        default=None,
+        help="rows (default: enough for --ratio times the total memory limit)",
+    )
+    p.add_argument(
+        "--ratio",
+        type=float,
+        default=4.5,
+        help="data size / total memory limit when --rows is not given (default 4.5)",
+    )
     p.add_argument("--dims", type=int, default=32)
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--iters", type=int, default=5, help="kmeans-gd --max-iter (default 5)")
     p.add_argument("--init", default="k-means++", help="kmeans-gd --init (default k-means++)")
     p.add_argument("--cache", default="none", help="kmeans-gd --cache (default none)")
-    p.add_argument("--files", type=int, default=None,
-                   help="Parquet files (default: about 128 MiB of features each, at least 2 per worker)")
+    p.add_argument(
+        "--files",
+        type=int,
+        default=None,
+        help="Parquet files (default: about 128 MiB of features each, at least 2 per worker)",
+    )
     p.add_argument("--centers", type=int, default=None, help="true blob centres (default 16 k)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--read-reps", type=int, default=2)
-    p.add_argument("--timeout", type=float, default=3600.0,
-                   help="seconds after which the fit is stopped and reported as stalled (default 3600)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=3600.0,
+        help="seconds after which the fit is stopped and reported as stalled (default 3600)",
+    )
     p.add_argument("--keep-outputs", action="store_true")
     p.add_argument("--data-dir", type=Path, default=HERE / "data")
     p.add_argument("--results-dir", type=Path, default=HERE / "results")
@@ -138,16 +154,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data: {data}: {rows} x {d} float32 = {format_bytes(nbytes)} of features in memory, "
           f"{format_bytes(disk)} of Parquet in {len(paths)} files"
           + (f" (generated in {gen:.1f} s)" if gen else " (cached)"), flush=True)  # fmt: skip
-    print(f"workers: {args.workers} x {format_bytes(limit)} = {format_bytes(total_limit)}; "
-          f"data / total limit = {ratio:.2f} (target >= 4)", flush=True)
+    print(
+        f"workers: {args.workers} x {format_bytes(limit)} = {format_bytes(total_limit)}; "
+        f"data / total limit = {ratio:.2f} (target >= 4)",
+        flush=True,
+    )
     if ratio < 4:
-        print(f"warning: the data is only {ratio:.2f} times the workers' total memory limit",
-              flush=True)
+        print(
+            f"warning: the data is only {ratio:.2f} times the workers' total memory limit",
+            flush=True,
+        )
 
     features = [f"x{j}" for j in range(d)]
     read = plain_read(paths, features, args.read_reps)
-    print(f"plain pyarrow read of the {d} feature columns, file by file: {read['seconds']:.3f} s "
-          f"(best of {args.read_reps}: {', '.join(f'{t:.3f}' for t in read['all'])})", flush=True)
+    print(
+        f"plain pyarrow read of the {d} feature columns, file by file: {read['seconds']:.3f} s "
+        f"(best of {args.read_reps}: {', '.join(f'{t:.3f}' for t in read['all'])})",
+        flush=True,
+    )
 
     work = args.results_dir / f"streaming-{stamp}"
     scratch = work / "dask-scratch"
@@ -158,16 +182,19 @@ def main(argv: list[str] | None = None) -> int:
              "--workers", str(args.workers), "--threads-per-worker", "1"]  # fmt: skip
     print("running: kmeans-gd fit ... " + " ".join(extra), flush=True)
     with SpillWatcher(scratch) as spill:
-        r = core.run_cli_fit(data, work / "out", args.k, extra, env=env, timeout=args.timeout,
-                            quiet=False)
+        r = core.run_cli_fit(
+            data, work / "out", args.k, extra, env=env, timeout=args.timeout, quiet=False
+        )
     r["spilled_peak_bytes"] = spill.peak
     tree = r["process_tree"]
     failures = [f"the fit {r['failure']}"] if r["failure"] else []
 
     lines = [
-        (f"streaming: rows={rows} dims={d} k={args.k} workers={args.workers}x1 thread "
-         f"memory_limit={args.memory_limit} cache={args.cache} max_iter={args.iters}; "
-         f"load average {load_start[0]:.1f} -> {os.getloadavg()[0]:.1f}"),
+        (
+            f"streaming: rows={rows} dims={d} k={args.k} workers={args.workers}x1 thread "
+            f"memory_limit={args.memory_limit} cache={args.cache} max_iter={args.iters}; "
+            f"load average {load_start[0]:.1f} -> {os.getloadavg()[0]:.1f}"
+        ),
         f"  data (features, float32)     {format_bytes(nbytes):>12}   Parquet on disk {format_bytes(disk)}",
         f"  workers' total memory limit  {format_bytes(total_limit):>12}   data / limit {ratio:.2f} (target >= 4)",
         f"  plain pyarrow read           {read['seconds']:>10.3f} s",
@@ -180,12 +207,16 @@ def main(argv: list[str] | None = None) -> int:
         checks["per_iter_over_plain_read"] = med / read["seconds"]
         checks["cache"] = model["parameters"].get("cache")
         lines += [
-            (f"  kmeans-gd per iteration      {med:>10.3f} s   (median of {len(per)}; min "
-             f"{min(per):.3f}, max {max(per):.3f}); / plain read = {med / read['seconds']:.2f} "
-             "(target <= 2)"),
-            (f"  kmeans-gd seconds            init {model['seconds']['init']:.2f}, iterations "
-             f"{model['seconds']['iterations']:.2f}, labels {model['seconds']['labels']:.2f}, "
-             f"total {model['seconds']['total']:.2f}; subprocess wall {r['wall']:.1f} s"),
+            (
+                f"  kmeans-gd per iteration      {med:>10.3f} s   (median of {len(per)}; min "
+                f"{min(per):.3f}, max {max(per):.3f}); / plain read = {med / read['seconds']:.2f} "
+                "(target <= 2)"
+            ),
+            (
+                f"  kmeans-gd seconds            init {model['seconds']['init']:.2f}, iterations "
+                f"{model['seconds']['iterations']:.2f}, labels {model['seconds']['labels']:.2f}, "
+                f"total {model['seconds']['total']:.2f}; subprocess wall {r['wall']:.1f} s"
+            ),
             f"  inertia {model['inertia']:.6e}, {model['n_iter']} iterations ({model['stop_reason']})",
         ]
         peaks = model.get("workers_peak_memory") or {}
