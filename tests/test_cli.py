@@ -213,7 +213,7 @@ def test_fit_minibatch_then_warm_start_from_its_model(
         cli_env, workdir,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert re.search(r"^iteration 1  batch loss \S+  smoothed \S+  rows \d+  seconds", proc.stdout, re.M)
+    assert re.search(r"^iteration 1  batch loss \S+  smoothed \S+  rows \d+  seconds", proc.stdout, re.MULTILINE)
     model = json.loads((mini / "model.json").read_text())
     assert model["parameters"]["step"] == "minibatch"
     assert model["stop_reason"] in ("no-improvement", "max-iter")
@@ -529,3 +529,11 @@ def test_bad_input_is_one_error_line_exit_2_and_nothing_written(
     assert proc.stdout == "", proc.stdout
     # No OUTPUT, no temporary sibling, no checkpoint; an existing OUTPUT is left as it was.
     assert result.after == result.before
+
+
+def test_the_command_line_module_does_not_import_prefect() -> None:
+    """Dask's worker processes are spawned and re-import the parent's main module (for the
+    console script, ``flows.cli``): Prefect imported there cost every worker ~90 MiB."""
+    code = "import sys, flows.cli; print(sorted(m for m in ('prefect', 'pipeline', 'dask') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"

@@ -191,9 +191,11 @@ def test_workers_and_threads_do_not_change_the_result(dask_client) -> None:
     X = da.from_array(blobs(n=6000, d=3, k=5, seed=12, spread=2.5), chunks=(777, 3))
     params = {"n_clusters": 5, "init": "k-means||", "n_init": 2, "random_state": 4, "tol": 0}
     two_workers = KMeans(**params).fit(X)
-    with LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=":0") as cluster:
-        with Client(cluster):
-            two_threads = KMeans(**params).fit(X)
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=":0") as cluster,
+        Client(cluster),
+    ):
+        two_threads = KMeans(**params).fit(X)
     with dask.config.set(scheduler="sync"):
         no_cluster = KMeans(**params).fit(X)
     for other in (two_threads, no_cluster):
@@ -443,8 +445,8 @@ X_SMALL = np.arange(20.0).reshape(10, 2)
             {"init": "bogus"},
             X_SMALL,
             ValueError,
-            "init='bogus' should be one of auto, k-means||, k-means++, random, an array, or the"
-            " path of a model.json or a Parquet file of centres.",
+            ("init='bogus' should be one of auto, k-means||, k-means++, random, an array, or the"
+            " path of a model.json or a Parquet file of centres."),
         ),
         ({"oversampling": 0}, X_SMALL, ValueError, "oversampling=0 should be > 0."),
         ({"init_rounds": 0}, X_SMALL, ValueError, "init_rounds=0 should be >= 1."),

@@ -49,14 +49,14 @@ def test_parquet_centres_by_name_or_all_numeric_columns(tmp_path: Path) -> None:
     ("make", "k", "features", "message"),
     [
         ("model", 3, ["a", "b", "c"], "init model '{path}' holds 2 centres; k=3."),
-        ("model", 2, ["a", "b", "z"], "init model '{path}' has features a, b, c; the input's"
-                                      " feature z is not among them."),
+        ("model", 2, ["a", "b", "z"], ("init model '{path}' has features a, b, c; the input's"
+                                      " feature z is not among them.")),
         ("model", 2, None, "init model '{path}' has 3 features; the input has 4."),
         ("parquet", 2, ["a", "b", "z"], "init file '{path}' has no column z."),
         ("parquet", 1, ["a", "b", "c"], "init file '{path}' holds 2 centres; k=1."),
         ("nan", 2, ["a", "b", "c"], "init file '{path}' holds NaN or infinite values."),
-        ("missing", 2, None, "init file '{path}' does not exist; init should be auto, k-means||,"
-                             " k-means++, random, a model.json or a Parquet file of centres."),
+        ("missing", 2, None, ("init file '{path}' does not exist; init should be auto, k-means||,"
+                             " k-means++, random, a model.json or a Parquet file of centres.")),
         ("garbage", 2, None, "init file '{path}' is not a readable Parquet file"),
     ],
 )  # fmt: skip
