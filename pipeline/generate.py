@@ -10,13 +10,13 @@ from __future__ import annotations
 import math
 import operator
 import os
-import secrets
-import shutil
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .parquet_io import atomic_output_dir, check_output_free
 
 __all__ = ["GeneratedDataset", "generate_blobs"]
 
@@ -111,14 +111,15 @@ def generate_blobs(
         If a parameter is out of range; raised before anything is written.
     TypeError
         If a parameter has the wrong type.
-    FileExistsError
-        If ``output`` exists and ``overwrite`` is false.
+    OutputExistsError
+        (a ``FileExistsError``) If ``output`` exists and ``overwrite`` is false.
 
     Notes
     -----
-    Files are written into a hidden sibling directory ``.{name}.tmp-*`` that
-    is renamed to ``output`` when complete and removed on any error, so
-    ``output`` never holds a partial dataset.
+    Files are written into a hidden sibling directory
+    (``parquet_io.atomic_output_dir``) that is renamed to ``output`` when
+    complete and removed on any error, so ``output`` never holds a partial
+    dataset.
 
     Columns are ``id`` (int64, the global row index ``0 .. rows-1`` in file
     order) then ``x0 .. x{dims-1}``.
@@ -139,11 +140,7 @@ def generate_blobs(
         raise ValueError(f"dtype={dtype!r} should be one of {', '.join(map(repr, _DTYPES))}.")
 
     final = os.path.abspath(os.fspath(output))
-    if os.path.lexists(final) and not overwrite:
-        raise FileExistsError(
-            f"output '{os.fspath(output)}' already exists; "
-            "pass overwrite=True (CLI: --overwrite) to replace it"
-        )
+    check_output_free(final, overwrite=overwrite)
 
     rng = np.random.default_rng(seed)
     true_centers = rng.uniform(-center_box, center_box, size=(centers, dims))
@@ -154,12 +151,7 @@ def generate_blobs(
     )
     names = [f"part-{i:05d}.parquet" for i in range(files)]
 
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    tmp = _sibling(final, "tmp")
-    # Not tempfile.mkdtemp: its 0700 mode would survive the rename and hide
-    # the dataset from the group, unlike a directory made with the umask.
-    os.mkdir(tmp)
-    try:
+    with atomic_output_dir(final, overwrite=overwrite) as tmp:
         start = 0
         for name, n_rows in zip(names, _split_rows(rows, files), strict=True):
             _write_file(
@@ -174,10 +166,6 @@ def generate_blobs(
                 dtype=np.dtype(dtype),
             )
             start += n_rows
-        _replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
     return GeneratedDataset(
         path=final,
@@ -224,30 +212,6 @@ def _write_file(
 def _split_rows(rows: int, files: int) -> list[int]:
     base, extra = divmod(rows, files)
     return [base + 1 if i < extra else base for i in range(files)]
-
-
-def _replace(tmp: str, final: str) -> None:
-    if not os.path.lexists(final):
-        os.rename(tmp, final)
-        return
-    # Move the old output aside rather than deleting it first, so that a
-    # failure between the two renames can put it back.
-    old = _sibling(final, "old")
-    os.rename(final, old)
-    try:
-        os.rename(tmp, final)
-    except BaseException:
-        os.rename(old, final)
-        raise
-    if os.path.isdir(old) and not os.path.islink(old):
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.remove(old)
-
-
-def _sibling(final: str, tag: str) -> str:
-    parent, base = os.path.split(final)
-    return os.path.join(parent, f".{base}.{tag}-{secrets.token_hex(4)}")
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> int:

@@ -21,6 +21,7 @@ from dask.base import tokenize
 from dask.delayed import Delayed, delayed
 from dask.highlevelgraph import HighLevelGraph
 
+from . import kernel
 from .passes import RETRIES, DaskData, gather_rows, tree_reduce
 
 __all__ = [
@@ -189,31 +190,35 @@ def _combine_round(a: _RoundPartial, b: _RoundPartial) -> _RoundPartial:
 
 
 @numba.njit(nogil=True, cache=True)
-def _lower_nearest(X, centers, base, d2, nearest):  # pragma: no cover
+def _lower_to(X, centers, labels, base, d2, nearest):  # pragma: no cover
+    """Lower ``d2`` and ``nearest`` in place with each row's exact squared distance to the
+    candidate ``labels`` names: ``sum_f (x_f - c_f)^2`` in float64, in feature order."""
+    n, d = X.shape
+    for i in range(n):
+        j = labels[i]
+        s = 0.0
+        for f in range(d):
+            t = np.float64(X[i, f]) - centers[j, f]
+            s += t * t
+        if s < d2[i]:
+            d2[i] = s
+            nearest[i] = base + j
+
+
+def _lower_nearest(
+    X: np.ndarray, centers: np.ndarray, base: int, d2: np.ndarray, nearest: np.ndarray
+) -> None:
     """Lower ``d2`` (float64) and ``nearest`` in place with the squared distances to
     ``centers`` (float64), whose indices start at ``base``.
 
-    Each distance is ``sum_f (x_f - c_f)^2`` in float64, in feature order: exact to rounding
-    (a row equal to a candidate has distance exactly 0 and is never sampled again), a function
-    of the row alone (so independent of chunking), and with no BLAS call whose threads could
-    oversubscribe the cores next to the scheduler's threads. A tie keeps the earlier
-    candidate."""
-    n, d = X.shape
-    m = centers.shape[0]
-    for i in range(n):
-        best = d2[i]
-        arg = -1
-        for j in range(m):
-            s = 0.0
-            for f in range(d):
-                t = np.float64(X[i, f]) - centers[j, f]
-                s += t * t
-            if s < best:
-                best = s
-                arg = j
-        if arg >= 0:
-            d2[i] = best
-            nearest[i] = base + arg
+    The nearest of the new candidates is found by the matrix-product kernel (the same as a
+    fit's passes), then its distance is recomputed exactly as ``sum_f (x_f - c_f)^2`` in
+    float64: a row equal to a candidate has distance exactly 0 and is never sampled again, and
+    both steps are functions of the row alone, so independent of chunking. (The exact
+    distances to every candidate, one scalar loop, took 136 s of a 154 s fit of 10M x 32 rows.)
+    """
+    labels, _ = kernel.assign_labels(X, centers)
+    _lower_to(X, centers, labels, base, d2, nearest)
 
 
 def _round_chunk(

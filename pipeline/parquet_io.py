@@ -569,13 +569,23 @@ def atomic_output_dir(output: str | os.PathLike[str], *, overwrite: bool = False
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if os.path.exists(final):
-        old = f"{tmp}-old"
-        os.rename(final, old)
+    if not os.path.lexists(final):
         os.rename(tmp, final)
+        return
+    # The old output is moved aside, not deleted first, so that a failure of the second
+    # rename can put it back.
+    old = f"{tmp}-old"
+    os.rename(final, old)
+    try:
+        os.rename(tmp, final)
+    except BaseException:
+        os.rename(old, final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.isdir(old) and not os.path.islink(old):
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.rename(tmp, final)
+        os.remove(old)
 
 
 def check_output_free(output: str | os.PathLike[str], *, overwrite: bool) -> None:

@@ -131,8 +131,7 @@ def test_existing_output_refused(tmp_path: Path) -> None:
     before = Path(out / "part-00000.parquet").read_bytes()
     with pytest.raises(
         FileExistsError,
-        match=r"^output '.*blobs' already exists; pass overwrite=True \(CLI: --overwrite\) "
-        r"to replace it$",
+        match=r"^output '.*blobs' already exists; pass --overwrite to replace it\.$",
     ):
         generate_blobs(out, rows=10, dims=2, centers=2, seed=1)
     assert Path(out / "part-00000.parquet").read_bytes() == before
