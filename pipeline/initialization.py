@@ -510,7 +510,11 @@ def kmeans_parallel(
         ell_r = ell if r < rounds else max(ell, 2.0 * k)
         new_state, reduced = _round_graph(data, state, pending, base, seed, r, ell_r, sample)
         if sample:
-            state, reduced = dask.persist(new_state, reduced, retries=RETRIES)
+            # optimize_graph=False: optimised as an array on its own, the state would fuse each
+            # chunk's task into its getitem, and the partials would run every task a second time
+            state, reduced = dask.persist(
+                new_state, reduced, optimize_graph=False, retries=RETRIES
+            )
         (part,) = dask.compute(reduced, retries=RETRIES)
         passes += 1
         phi = float(part.phi)
