@@ -206,7 +206,8 @@ def _lower_to(X, centers, labels, base, d2, nearest):  # pragma: no cover
 
 
 def _lower_nearest(
-    X: np.ndarray, centers: np.ndarray, base: int, d2: np.ndarray, nearest: np.ndarray
+    X: np.ndarray, xsq: np.ndarray | None, centers: np.ndarray, base: int, d2: np.ndarray,
+    nearest: np.ndarray,
 ) -> None:
     """Lower ``d2`` (float64) and ``nearest`` in place with the squared distances to
     ``centers`` (float64), whose indices start at ``base``.
@@ -217,13 +218,16 @@ def _lower_nearest(
     both steps are functions of the row alone, so independent of chunking. (The exact
     distances to every candidate, one scalar loop, took 136 s of a 154 s fit of 10M x 32 rows.)
     """
-    labels, _ = kernel.assign_labels(X, centers)
+    if xsq is None:
+        xsq = kernel.row_sq_norms(X)
+    labels = kernel.nearest_labels(X, centers, xsq)
     _lower_to(X, centers, labels, base, d2, nearest)
 
 
 def _round_chunk(
     X: np.ndarray,
     weights: np.ndarray | None,
+    xsq: np.ndarray | None,
     state: np.ndarray | None,
     new_centers: np.ndarray,
     base: int,
@@ -244,7 +248,8 @@ def _round_chunk(
         d2 = state["d2"].astype(np.float64)
         nearest = state["nearest"].copy()
     if new_centers.shape[0]:
-        _lower_nearest(X, np.ascontiguousarray(new_centers, dtype=np.float64), base, d2, nearest)
+        centers = np.ascontiguousarray(new_centers, dtype=np.float64)
+        _lower_nearest(X, xsq, centers, base, d2, nearest)
     new_state = np.empty(n, dtype=STATE_DTYPE)
     new_state["d2"] = d2
     new_state["nearest"] = nearest
@@ -330,10 +335,10 @@ def _round_graph(
     state_name = f"kmeans-parallel-state-{token}"
     centers_key = f"kmeans-parallel-centers-{token}"
     layer: dict[Any, Any] = {centers_key: pending}
-    xs, ws = _keys(data.X, n_chunks), _keys(data.weights, n_chunks)
+    xs, ws, qs = _keys(data.X, n_chunks), _keys(data.weights, n_chunks), _keys(data.xsq, n_chunks)
     ss = _keys(state, n_chunks)
     for i, off in enumerate(data.offsets):
-        layer[(name, i)] = (_round_chunk, xs[i], ws[i], ss[i], centers_key, base, seed,
+        layer[(name, i)] = (_round_chunk, xs[i], ws[i], qs[i], ss[i], centers_key, base, seed,
                             stream, ell, sample, off)  # fmt: skip
         layer[(state_name, i)] = (operator.getitem, (name, i), 0)
     level = []
@@ -348,7 +353,7 @@ def _round_graph(
         for j, group in enumerate(groups):
             layer[(name + "-partial", depth, j)] = (_combine_many, list(group))
             level.append((name + "-partial", depth, j))
-    dependencies = [a for a in (data.X, data.weights, state) if a is not None]
+    dependencies = [a for a in (data.X, data.weights, data.xsq, state) if a is not None]
     graph = HighLevelGraph.from_collections(name, layer, dependencies=dependencies)
     new_state = da.Array(graph, state_name, chunks=(data.X.chunks[0],), dtype=STATE_DTYPE)
     return new_state, Delayed(level[0], graph, layer=name)
