@@ -51,27 +51,30 @@ def summary_markdown(model: dict[str, Any], output: str) -> str:
     sizes = model["cluster_sizes"]
     size_text = ", ".join(f"{round(s)}" for s in sizes)
     params = model["parameters"]
-    lines = [
-        "# k-means fit",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| k | {len(model['centers'])} |",
-        f"| rows | {model['n_rows']} |",
-        f"| features | {', '.join(model['features'])} |",
-        f"| inertia | {model['inertia']:.6g} |",
-        f"| iterations | {model['n_iter']} |",
-        f"| stop reason | {model['stop_reason']} |",
-        f"| converged | {model['converged']} |",
-        f"| init | {_init_text(model.get('init'), params)} |",
-        f"| step | {params.get('step')} |",
-        f"| cluster sizes | {size_text} |",
-        f"| seconds | {model['seconds']['total']:.1f} |",
-        f"| model | `{output}/model.json` |",
-        f"| labels | `{output}/labels/` |",
-        f"| loss curve | `{output}/loss.png` |",
+    rows = [
+        ("k", len(model["centers"])),
+        ("rows", model["n_rows"]),
+        ("features", ", ".join(model["features"])),
+        ("inertia", f"{model['inertia']:.6g}"),
+        ("iterations", model["n_iter"]),
+        ("stop reason", model["stop_reason"]),
+        ("converged", model["converged"]),
+        ("init", _init_text(model.get("init"), params)),
+        ("step", params.get("step")),
+        ("cluster sizes", size_text),
+        ("seconds", f"{model['seconds']['total']:.1f}"),
+        ("model", f"`{output}/model.json`"),
+        ("labels", f"`{output}/labels/`"),
+        ("loss curve", f"`{output}/loss.png`"),
     ]
+    lines = ["# k-means fit", "", "| | |", "|---|---|"]
+    lines += [f"| {name} | {_cell(value)} |" for name, value in rows]
     return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    """A markdown table cell: a '|' in a value (k-means||, a path) would end the cell."""
+    return str(value).replace("|", "\\|")
 
 
 def _init_text(init: dict[str, Any] | None, params: dict[str, Any]) -> str:
