@@ -491,33 +491,41 @@ def run_daskml(X: Any, init: np.ndarray, iters: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------
 
 
-def _fmt_table(rows: list[dict[str, Any]]) -> str:
-    head = ("method", "n_iter", "s/iter med", "min", "max", "total s", "x kmeans-gd",
-            "main RSS MB", "workers RSS MB", "inertia", "rel. inertia")  # fmt: skip
-    lines = [head]
-    for r in rows:
+def fmt(v: Any, p: str = ".3f") -> str:
+    """A table cell: ``v`` formatted with ``p``, or '-' when missing."""
+    return "-" if v is None else format(v, p)
 
-        def f(v: Any, p: str = ".3f") -> str:
-            return "-" if v is None else format(v, p)
 
-        lines.append((
-            r["method"], f(r.get("n_iter"), "d"), f(r["s_per_iter"]["median"]),
-            f(r["s_per_iter"]["min"]), f(r["s_per_iter"]["max"]), f(r.get("total"), ".2f"),
-            f(r.get("ratio_to_kmeans_gd"), ".2f"), f(r.get("main_rss_peak_mb"), ".0f"),
-            f(r.get("workers_rss_peak_mb"), ".0f"), f(r.get("inertia"), ".6e"),
-            f(r.get("inertia_rel_to_kmeans_gd"), "+.1e"),
-        ))  # fmt: skip
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+def aligned_table(lines: list[tuple[str, ...]], *, first_left: bool = True) -> str:
+    """Rows of cells (the first is the header) as aligned text columns, a rule under the
+    header; the first column left-aligned unless ``first_left`` is false, the others right."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     out = []
     for j, line in enumerate(lines):
         out.append(
             "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))
+                c.ljust(w) if i == 0 and first_left else c.rjust(w)
+                for i, (c, w) in enumerate(zip(line, widths, strict=True))
             )
         )
         if j == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+def _fmt_table(rows: list[dict[str, Any]]) -> str:
+    head = ("method", "n_iter", "s/iter med", "min", "max", "total s", "x kmeans-gd",
+            "main RSS MB", "workers RSS MB", "inertia", "rel. inertia")  # fmt: skip
+    lines = [head]
+    for r in rows:
+        lines.append((
+            r["method"], fmt(r.get("n_iter"), "d"), fmt(r["s_per_iter"]["median"]),
+            fmt(r["s_per_iter"]["min"]), fmt(r["s_per_iter"]["max"]), fmt(r.get("total"), ".2f"),
+            fmt(r.get("ratio_to_kmeans_gd"), ".2f"), fmt(r.get("main_rss_peak_mb"), ".0f"),
+            fmt(r.get("workers_rss_peak_mb"), ".0f"), fmt(r.get("inertia"), ".6e"),
+            fmt(r.get("inertia_rel_to_kmeans_gd"), "+.1e"),
+        ))  # fmt: skip
+    return aligned_table(lines)
 
 
 MODES = {

@@ -168,33 +168,20 @@ def exact_inertias_on_cluster(data: Path, features: list[str], centers: dict[str
         return core.exact_inertias(X, centers)
 
 
-def _fmt(v: Any, p: str = ".2f") -> str:
-    return "-" if v is None else format(v, p)
-
-
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("method", "total s", "wall s", "load s", "init s", "iters s", "s/iter", "labels s",
             "other s", "n_iter", "inertia (exact)", "own inertia", "workers peak MB", "x kmeans-gd")  # fmt: skip
     lines = [head]
     for r in rows:
         lines.append((
-            r["method"], _fmt(r.get("total")), _fmt(r.get("wall")), _fmt(r.get("load")),
-            _fmt(r.get("init")), _fmt(r.get("iterations")), _fmt(r.get("s_per_iter"), ".3f"),
-            _fmt(r.get("labels")), _fmt(r.get("other")), _fmt(r.get("n_iter"), "d"),
-            _fmt(r.get("inertia"), ".6e"), _fmt(r.get("own_inertia"), ".6e"),
-            r.get("workers_peak", "-"), _fmt(r.get("ratio"), ".2f"),
+            r["method"],
+            *(core.fmt(r.get(key), ".2f") for key in ("total", "wall", "load", "init", "iterations")),
+            core.fmt(r.get("s_per_iter"), ".3f"), core.fmt(r.get("labels"), ".2f"),
+            core.fmt(r.get("other"), ".2f"), core.fmt(r.get("n_iter"), "d"),
+            core.fmt(r.get("inertia"), ".6e"), core.fmt(r.get("own_inertia"), ".6e"),
+            r.get("workers_peak", "-"), core.fmt(r.get("ratio"), ".2f"),
         ))  # fmt: skip
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    out = []
-    for j, line in enumerate(lines):
-        out.append(
-            "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))
-            )
-        )
-        if j == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    return core.aligned_table(lines)
 
 
 def _peaks_mb(peaks: dict[str, int] | None) -> str:

@@ -134,27 +134,15 @@ def table(rows: list[dict[str, Any]]) -> str:
     head = ("method", "n_init", "median inertia", "min", "max", "median / kmeans-gd",
             "median s", "median n_iter")  # fmt: skip
 
-    def f(v: Any, p: str) -> str:
-        return "-" if v is None else format(v, p)
-
     lines = [head]
     for r in rows:
         lines.append((
-            r["method"], str(r["n_init"]), f(r["median"], ".6e"), f(r["min"], ".6e"),
-            f(r["max"], ".6e"), f(r["ratio_to_kmeans_gd"], ".4f"), f(r["median_seconds"], ".2f"),
-            f(r["median_n_iter"], "g"),
+            r["method"], str(r["n_init"]),
+            *(core.fmt(r[key], ".6e") for key in ("median", "min", "max")),
+            core.fmt(r["ratio_to_kmeans_gd"], ".4f"), core.fmt(r["median_seconds"], ".2f"),
+            core.fmt(r["median_n_iter"], "g"),
         ))  # fmt: skip
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    out = []
-    for j, line in enumerate(lines):
-        out.append(
-            "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))
-            )
-        )
-        if j == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    return core.aligned_table(lines)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -200,13 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             "-" if base is None or r["rows"] != big else f"{base / r['median']:.2f}",
             f"{r['workers_rss_peak_mb']:.0f}",
         ))  # fmt: skip
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    out = []
-    for j, line in enumerate(lines):
-        out.append("  ".join(c.rjust(w) for c, w in zip(line, widths)))
-        if j == 0:
-            out.append("  ".join("-" * w for w in widths))
-    printed = "\n".join(out)
+    printed = core.aligned_table(lines, first_left=False)
     load_end = os.getloadavg()
     title = (f"kmeans-gd, d={d}, k={k}, float32, {args.iters} Lloyd steps per run, "
              f"{os.cpu_count()} cores; load {load_start[0]:.1f} -> {load_end[0]:.1f}")  # fmt: skip
