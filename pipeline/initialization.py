@@ -218,9 +218,7 @@ def _lower_nearest(
     both steps are functions of the row alone, so independent of chunking. (The exact
     distances to every candidate, one scalar loop, took 136 s of a 154 s fit of 10M x 32 rows.)
     """
-    if xsq is None:
-        xsq = kernel.row_sq_norms(X)
-    labels = kernel.nearest_labels(X, centers, xsq)
+    labels, _ = kernel.assign_labels(X, centers, xsq)
     _lower_to(X, centers, labels, base, d2, nearest)
 
 

@@ -1077,14 +1077,12 @@ def combine_stats(a: ChunkStats, b: ChunkStats) -> ChunkStats:
     )
 
 
-def nearest_labels(X: np.ndarray, centers: np.ndarray, xsq: np.ndarray) -> np.ndarray:
-    """Nearest mean (int32) of each row for one set of means (k, d), given the rows' squared
-    norms ``xsq`` (float64)."""
-    return _pass(X, np.asarray(centers)[None], xsq, None)[0][0]
-
-
-def assign_labels(X: np.ndarray, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def assign_labels(
+    X: np.ndarray, centers: np.ndarray, xsq: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Nearest mean (int32) and squared distance to it (float64) for each row, for one set of
-    means of shape (k, d)."""
-    labels, d1, *_ = _pass(X, np.asarray(centers)[None], row_sq_norms(X), None)
+    means of shape (k, d); ``xsq``: the rows' squared norms, when already known."""
+    if xsq is None:
+        xsq = row_sq_norms(X)
+    labels, d1, *_ = _pass(X, np.asarray(centers)[None], xsq, None)
     return labels[0], d1[0]

@@ -444,7 +444,7 @@ class _NonFinite(Exception):
         self.column, self.what = column, what
 
 
-def _null_error(bad: _NonFinite, path: str) -> InputError:
+def _non_finite_error(bad: _NonFinite, path: str) -> InputError:
     if bad.what == "null":
         return InputError(
             f"feature column '{bad.column}' in file '{path}' has null values;"
@@ -502,7 +502,7 @@ def read_chunk(
             try:
                 _fill(X, start, table, dataset.features)
             except _NonFinite as bad:
-                raise _null_error(bad, chunk.path) from None
+                raise _non_finite_error(bad, chunk.path) from None
             if weights is not None:
                 weights.append(_weights(table, dataset, chunk.path))
             if passthrough:
@@ -544,7 +544,7 @@ def iter_labelled_batches(
             try:
                 _fill(X, 0, table, dataset.features)
             except _NonFinite as bad:
-                raise _null_error(bad, path) from None
+                raise _non_finite_error(bad, path) from None
             weights = _weights(table, dataset, path) if dataset.weight_column is not None else None
             kept = table.select(passthrough)
             del table
