@@ -253,7 +253,7 @@ def kmeans_fit(
                 _tell(logger, _batch_line(report_), report_.notes)
                 update_progress_artifact(progress, progress=100.0 * report_.iteration / max_iter)
 
-            if step_rule is None:
+            if minibatch:
                 result = FitResult.from_minibatch(fit_minibatch(
                     data, state.centers[0], batch_size=batch_size or DEFAULT_BATCH_SIZE,
                     max_iter=max_iter, patience=patience, seed=seed, tol=tol, on_iteration=on_batch,
