@@ -6,20 +6,21 @@ changed since the previous means, and the rows farthest from their mean (to relo
 clusters). Each restart of ``n_init`` is a separate set of ``k`` means; all of them share one
 pass over the rows.
 
-Distances use ``||x||^2 - 2 x.mu^T + ||mu||^2``, with the products ``x.mu`` in X's dtype and
-the rest in float64. One compiled loop does it tile by tile: a tile of rows is transposed into
-a buffer that stays in the L1 cache; the products of the tile's rows with a few means at a time
-are accumulated in SIMD registers, vectorised over rows; each row's nearest and second-nearest
-distance and label are updated from them at once, so no (rows x means) matrix is ever written
-to memory; then the rows' sums, counts and loss are accumulated in float64, in row order. For
-float32 rows the vector code is written out explicitly (16-lane registers, see below); float64
-rows go through loops that LLVM vectorises.
+Distances use ``||x||^2 - 2 x.mu^T + ||mu||^2``. A row's nearest mean is the one with the
+smallest ``||mu||^2 - 2 x.mu``, computed in X's dtype (float32 rows: float32, as scikit-learn's
+float32 path does); the row norms, the distances added to them and every sum are float64. One
+compiled loop does it tile by tile: a tile of rows is transposed into a buffer that stays in
+the L1 cache; the products of the tile's rows with a few means at a time are accumulated in
+SIMD registers, vectorised over rows; each row's nearest and second-nearest value and label
+are updated from them at once, so no (rows x means) matrix is ever written to memory; then the
+rows' sums, counts and loss are accumulated in float64, in row order. For float32 rows the
+vector code is written out explicitly (16-lane registers, see below); float64 rows go through
+loops that LLVM vectorises.
 
 Each product is one chain of fused multiply-adds over the features, in feature order, from
-zero: the rounding of OpenBLAS's GEMM kernels, so labels and distances are those of the BLAS
-product ``X @ means.T`` that the kernel used before (bit for bit where BLAS takes its GEMM path;
-its matrix-vector and small-matrix paths round the last bits differently), and they no longer
-depend on how rows are split into blocks or chunks.
+zero (the rounding of BLAS's GEMM kernels), and ``||mu||^2`` is added to it once: a row's
+label and distance depend on that row and the means alone, never on how rows are split into
+blocks or chunks.
 
 Counting changed labels needs every row's label under the previous means. A fit evaluates the
 same persisted chunk arrays pass after pass, so the labels of the last pass over each array are
@@ -248,11 +249,13 @@ def _tile_nearest(XT, b, S2, cn, base, k, A, best, second, arg):  # pragma: no c
 #
 # LLVM's loop vectoriser keeps to 256-bit vectors on current x86 server cores and keeps loop
 # accumulators in memory; the float32 path below instead spells its inner loops with LLVM
-# vector types, so the products of 32 rows with 4 means stay in eight 16-lane registers over
+# vector types, so the products of 32 rows with 8 means stay in sixteen 16-lane registers over
 # all features, and each row's running best/second-best/label live in registers over all
 # means. On CPUs without 512-bit vectors LLVM splits the same code into narrower ones. The
 # products are ``llvm.fma`` chains over the features, in order, from zero: the same rounding
-# as the scalar path (and as BLAS), on every CPU.
+# as the scalar path (and as BLAS), on every CPU. The comparison stays in float32 (one add,
+# compare and two selects per 16 rows and mean): widening each product to float64 first took
+# a fifth of the pass at k=64, d=32.
 # --------------------------------------------------------------------------------------------
 
 
@@ -273,12 +276,12 @@ class _F64x8(_Vec):
         super().__init__("kmeans_gd.f64x8", 8, ir.DoubleType())
 
 
-class _I32x8(_Vec):
+class _I32x16(_Vec):
     def __init__(self) -> None:
-        super().__init__("kmeans_gd.i32x8", 8, ir.IntType(32))
+        super().__init__("kmeans_gd.i32x16", 16, ir.IntType(32))
 
 
-_f32x16, _f64x8, _i32x8 = _F32x16(), _F64x8(), _I32x8()
+_f32x16, _f64x8, _i32x16 = _F32x16(), _F64x8(), _I32x16()
 
 
 class _VecModel(models.PrimitiveModel):
@@ -286,7 +289,7 @@ class _VecModel(models.PrimitiveModel):
         super().__init__(dmm, fe_type, fe_type.llvm)
 
 
-for _cls in (_F32x16, _F64x8, _I32x8):
+for _cls in (_F32x16, _F64x8, _I32x16):
     register_model(_cls)(_VecModel)
 
 
@@ -342,10 +345,10 @@ def _splatter(vt, scalar):  # type: ignore[no-untyped-def]
 
 _load16 = _loader(_f32x16)
 _store_f64x8 = _storer(_f64x8)
-_store_i32x8 = _storer(_i32x8)
+_store_i32x16 = _storer(_i32x16)
 _splat16 = _splatter(_f32x16, types.float32)
 _splat_f64x8 = _splatter(_f64x8, types.float64)
-_splat_i32x8 = _splatter(_i32x8, types.int32)
+_splat_i32x16 = _splatter(_i32x16, types.int32)
 
 
 @intrinsic
@@ -362,23 +365,37 @@ def _fma16(typingctx, a, b, c):  # type: ignore[no-untyped-def]
     return _f32x16(_f32x16, _f32x16, _f32x16), codegen
 
 
-def _widener(high: bool):  # type: ignore[no-untyped-def]
-    @intrinsic
-    def widen(typingctx, c, a):  # type: ignore[no-untyped-def]
-        """``c + float64(a[lanes])`` for the low or high 8 lanes of ``a``."""
+@intrinsic
+def _prefetch(typingctx, arr, i):  # type: ignore[no-untyped-def]
+    """Hint the cache line holding element ``i`` of ``arr``'s data (flat, C order) into L1."""
 
-        def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
-            half = builder.shuffle_vector(args[1], ir.Constant(_f32x16.llvm, ir.Undefined),
-                                          _lanes(8, list(range(8 * high, 8 * high + 8))))  # fmt: skip
-            return builder.fadd(args[0], builder.fpext(half, _f64x8.llvm))
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = builder.bitcast(builder.gep(a.data, [args[1]]), ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32]),
+            "llvm.prefetch.p0",
+        )
+        # read, keep in all cache levels, data cache
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
 
-        return _f64x8(_f64x8, _f32x16), codegen
-
-    return widen
+    return types.void(arr, types.intp), codegen
 
 
-_widen_low = _widener(False)
-_widen_high = _widener(True)
+@intrinsic
+def _store_wide16(typingctx, arr, i, v):  # type: ignore[no-untyped-def]
+    """``arr[i:i+16] = float64(v)`` for a float64 array."""
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        wide = ir.VectorType(ir.DoubleType(), 16)
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = builder.bitcast(builder.gep(a.data, [args[1]]), wide.as_pointer())
+        builder.store(builder.fpext(args[2], wide), ptr, align=8)
+        return context.get_dummy_value()
+
+    return types.void(arr, types.intp, _f32x16), codegen
 
 
 def _extender(high: bool):  # type: ignore[no-untyped-def]
@@ -418,12 +435,14 @@ def _mul_f64x8(typingctx, a, b):  # type: ignore[no-untyped-def]
 
 
 @intrinsic
-def _fold(typingctx, v, j, bo, so, ao, want_second):  # type: ignore[no-untyped-def]
-    """``_better`` on 8 lanes: returns (best, second, label), the second only when asked."""
-    ret = types.Tuple((_f64x8, _f64x8, _i32x8))
+def _fold(typingctx, p, c, j, bo, so, ao, want_second):  # type: ignore[no-untyped-def]
+    """``_better`` on 16 lanes for ``v = p + c``: returns (best, second, label), the second
+    only when asked."""
+    ret = types.Tuple((_f32x16, _f32x16, _i32x16))
 
     def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
-        v, j, bo, so, ao, want = args
+        p, c, j, bo, so, ao, want = args
+        v = builder.fadd(p, c)
         less = builder.fcmp_ordered("<", v, bo)
         # min(so, max(bo, v)) with the comparisons of Python's min and max
         t = builder.select(builder.fcmp_ordered(">", v, bo), v, bo)
@@ -432,7 +451,7 @@ def _fold(typingctx, v, j, bo, so, ao, want_second):  # type: ignore[no-untyped-
         return context.make_tuple(builder, ret, [builder.select(less, v, bo), so,
                                                  builder.select(less, j, ao)])  # fmt: skip
 
-    return ret(_f64x8, _i32x8, _f64x8, _f64x8, _i32x8, types.boolean), codegen
+    return ret(_f32x16, _f32x16, _i32x16, _f32x16, _f32x16, _i32x16, types.boolean), codegen
 
 
 @intrinsic
@@ -497,82 +516,89 @@ def _transpose_tile32(X, start, b, XT):  # pragma: no cover
 
 @numba.njit(nogil=True, cache=True)
 def _fold32(p, q, c, j, st, want_second):  # pragma: no cover
-    """Fold one mean's ``-2 x.mu`` for 32 rows (``p``: rows 0-15, ``q``: 16-31) into the state
-    (best, second, label per 8 rows)."""
-    b0, b1, b2, b3, s0, s1, s2, s3, a0, a1, a2, a3 = st
-    cc = _splat_f64x8(c)
-    label = _splat_i32x8(np.int32(j))
-    b0, s0, a0 = _fold(_widen_low(cc, p), label, b0, s0, a0, want_second)
-    b1, s1, a1 = _fold(_widen_high(cc, p), label, b1, s1, a1, want_second)
-    b2, s2, a2 = _fold(_widen_low(cc, q), label, b2, s2, a2, want_second)
-    b3, s3, a3 = _fold(_widen_high(cc, q), label, b3, s3, a3, want_second)
-    return b0, b1, b2, b3, s0, s1, s2, s3, a0, a1, a2, a3
+    """Fold one mean's ``-2 x.mu`` for 32 rows (``p``: rows 0-15, ``q``: 16-31) and its
+    squared norm ``c`` into the state (best, second, label per 16 rows)."""
+    b0, b1, s0, s1, a0, a1 = st
+    cc = _splat16(np.float32(c))
+    label = _splat_i32x16(np.int32(j))
+    b0, s0, a0 = _fold(p, cc, label, b0, s0, a0, want_second)
+    b1, s1, a1 = _fold(q, cc, label, b1, s1, a1, want_second)
+    return b0, b1, s0, s1, a0, a1
 
 
 @numba.njit(nogil=True, cache=True)
-def _tile_nearest32(XT, b, S2, cn, base, k, best, second, arg, want_second):  # pragma: no cover
+def _tile_nearest32(
+    XT, b, S2, cn, base, k, best, second, arg, want_second, X, pf_lo, pf_hi
+):  # pragma: no cover
     """``_tile_nearest`` for float32, 32 rows at a time (XT zero-padded to whole blocks):
-    the products of 32 rows with 4 means accumulate in registers over all features, then
-    fold into the rows' best, second-best (``want_second``) and label, kept in registers
-    over all means."""
+    the products of 32 rows with 8 means (then one at a time for the last ``k % 8``)
+    accumulate in registers over all features, then fold into the rows' best, second-best
+    (``want_second``) and label, kept in registers over all means.
+
+    Elements ``pf_lo..pf_hi`` of X (the next tile's rows) are prefetched a slice per block of
+    32 rows, so that reading them overlaps the products rather than stalling the next
+    transpose (4% of a pass)."""
     d = XT.shape[0]
-    inf = _splat_f64x8(np.inf)
+    inf = _splat16(np.float32(np.inf))
     zero = _splat16(np.float32(0))
     for i0 in range(0, b, 32):
         i1 = i0 + 16
-        # running best (b), second (s) and label (a) of rows i0+0..7, +8..15, +16..23, +24..31
-        b0, b1, b2, b3 = inf, inf, inf, inf
-        s0, s1, s2, s3 = inf, inf, inf, inf
-        a0 = _splat_i32x8(np.int32(0))
-        a1, a2, a3 = a0, a0, a0
+        lo = pf_lo + i0 * d
+        for e in range(lo, min(lo + 32 * d, pf_hi), 16):
+            _prefetch(X, e)
+        # running best, second and label of rows i0+0..15 and i0+16..31
+        st = (inf, inf, inf, inf, _splat_i32x16(np.int32(0)), _splat_i32x16(np.int32(0)))
         j = 0
-        while j < k:
-            n_means = 4 if j + 4 <= k else 1
+        while j + 8 <= k:
             jj = base + j
             p0, p1, p2, p3, q0, q1, q2, q3 = zero, zero, zero, zero, zero, zero, zero, zero
-            if n_means == 4:
-                for f in range(d):
-                    row = XT[f]
-                    x = _load16(row, i0)
-                    y = _load16(row, i1)
-                    m = _splat16(S2[jj, f])
-                    p0 = _fma16(m, x, p0)
-                    q0 = _fma16(m, y, q0)
-                    m = _splat16(S2[jj + 1, f])
-                    p1 = _fma16(m, x, p1)
-                    q1 = _fma16(m, y, q1)
-                    m = _splat16(S2[jj + 2, f])
-                    p2 = _fma16(m, x, p2)
-                    q2 = _fma16(m, y, q2)
-                    m = _splat16(S2[jj + 3, f])
-                    p3 = _fma16(m, x, p3)
-                    q3 = _fma16(m, y, q3)
-            else:
-                for f in range(d):
-                    row = XT[f]
-                    m = _splat16(S2[jj, f])
-                    p0 = _fma16(m, _load16(row, i0), p0)
-                    q0 = _fma16(m, _load16(row, i1), q0)
-            st = (b0, b1, b2, b3, s0, s1, s2, s3, a0, a1, a2, a3)
+            p4, p5, p6, p7, q4, q5, q6, q7 = zero, zero, zero, zero, zero, zero, zero, zero
+            for f in range(d):
+                row = XT[f]
+                x = _load16(row, i0)
+                y = _load16(row, i1)
+                m = _splat16(S2[jj, f])
+                p0, q0 = _fma16(m, x, p0), _fma16(m, y, q0)
+                m = _splat16(S2[jj + 1, f])
+                p1, q1 = _fma16(m, x, p1), _fma16(m, y, q1)
+                m = _splat16(S2[jj + 2, f])
+                p2, q2 = _fma16(m, x, p2), _fma16(m, y, q2)
+                m = _splat16(S2[jj + 3, f])
+                p3, q3 = _fma16(m, x, p3), _fma16(m, y, q3)
+                m = _splat16(S2[jj + 4, f])
+                p4, q4 = _fma16(m, x, p4), _fma16(m, y, q4)
+                m = _splat16(S2[jj + 5, f])
+                p5, q5 = _fma16(m, x, p5), _fma16(m, y, q5)
+                m = _splat16(S2[jj + 6, f])
+                p6, q6 = _fma16(m, x, p6), _fma16(m, y, q6)
+                m = _splat16(S2[jj + 7, f])
+                p7, q7 = _fma16(m, x, p7), _fma16(m, y, q7)
             st = _fold32(p0, q0, cn[jj], j, st, want_second)
-            if n_means == 4:
-                st = _fold32(p1, q1, cn[jj + 1], j + 1, st, want_second)
-                st = _fold32(p2, q2, cn[jj + 2], j + 2, st, want_second)
-                st = _fold32(p3, q3, cn[jj + 3], j + 3, st, want_second)
-            b0, b1, b2, b3, s0, s1, s2, s3, a0, a1, a2, a3 = st
-            j += n_means
-        _store_f64x8(best, i0, b0)
-        _store_f64x8(best, i0 + 8, b1)
-        _store_f64x8(best, i1, b2)
-        _store_f64x8(best, i1 + 8, b3)
-        _store_f64x8(second, i0, s0)
-        _store_f64x8(second, i0 + 8, s1)
-        _store_f64x8(second, i1, s2)
-        _store_f64x8(second, i1 + 8, s3)
-        _store_i32x8(arg, i0, a0)
-        _store_i32x8(arg, i0 + 8, a1)
-        _store_i32x8(arg, i1, a2)
-        _store_i32x8(arg, i1 + 8, a3)
+            st = _fold32(p1, q1, cn[jj + 1], j + 1, st, want_second)
+            st = _fold32(p2, q2, cn[jj + 2], j + 2, st, want_second)
+            st = _fold32(p3, q3, cn[jj + 3], j + 3, st, want_second)
+            st = _fold32(p4, q4, cn[jj + 4], j + 4, st, want_second)
+            st = _fold32(p5, q5, cn[jj + 5], j + 5, st, want_second)
+            st = _fold32(p6, q6, cn[jj + 6], j + 6, st, want_second)
+            st = _fold32(p7, q7, cn[jj + 7], j + 7, st, want_second)
+            j += 8
+        while j < k:
+            jj = base + j
+            p0, q0 = zero, zero
+            for f in range(d):
+                row = XT[f]
+                m = _splat16(S2[jj, f])
+                p0 = _fma16(m, _load16(row, i0), p0)
+                q0 = _fma16(m, _load16(row, i1), q0)
+            st = _fold32(p0, q0, cn[jj], j, st, want_second)
+            j += 1
+        b0, b1, s0, s1, a0, a1 = st
+        _store_wide16(best, i0, b0)
+        _store_wide16(best, i1, b1)
+        _store_wide16(second, i0, s0)
+        _store_wide16(second, i1, s1)
+        _store_i32x16(arg, i0, a0)
+        _store_i32x16(arg, i1, a1)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -634,20 +660,25 @@ def _transpose_tile_impl(X, start, b, XT):  # type: ignore[no-untyped-def]
     return transpose
 
 
-def _nearest_tile(XT, b, S2, cn, base, k, A, best, second, arg, want_second):  # pragma: no cover
-    """Each row's nearest and second-nearest of means ``base..base+k``."""
+def _nearest_tile(
+    XT, b, S2, cn, base, k, A, best, second, arg, want_second, X, pf_lo, pf_hi
+):  # pragma: no cover
+    """Each row's nearest and second-nearest of means ``base..base+k``; meanwhile elements
+    ``pf_lo..pf_hi`` of X are prefetched where X's rows are contiguous."""
 
 
 @overload(_nearest_tile, inline="always")
-def _nearest_tile_impl(XT, b, S2, cn, base, k, A, best, second, arg, want_second):  # type: ignore[no-untyped-def]
+def _nearest_tile_impl(XT, b, S2, cn, base, k, A, best, second, arg, want_second, X, pf_lo, pf_hi):  # type: ignore[no-untyped-def]
     if XT.dtype == types.float32:
+        contiguous = X.layout == "C"
 
-        def nearest32(XT, b, S2, cn, base, k, A, best, second, arg, want_second):  # type: ignore[no-untyped-def]
-            _tile_nearest32(XT, b, S2, cn, base, k, best, second, arg, want_second)
+        def nearest32(XT, b, S2, cn, base, k, A, best, second, arg, want_second, X, pf_lo, pf_hi):  # type: ignore[no-untyped-def]
+            hi = pf_hi if contiguous else pf_lo
+            _tile_nearest32(XT, b, S2, cn, base, k, best, second, arg, want_second, X, pf_lo, hi)
 
         return nearest32
 
-    def nearest(XT, b, S2, cn, base, k, A, best, second, arg, want_second):  # type: ignore[no-untyped-def]
+    def nearest(XT, b, S2, cn, base, k, A, best, second, arg, want_second, X, pf_lo, pf_hi):  # type: ignore[no-untyped-def]
         _tile_nearest(XT, b, S2, cn, base, k, A, best, second, arg)
 
     return nearest
@@ -725,8 +756,12 @@ def _fused_pass(
         b = min(tile, n - start)
         _transpose_tile(X, start, b, XT)
         h += _checksum(words, start * per_row, (start + b) * per_row)
+        # the next tile's rows, fetched while this one's products are formed
+        pf_lo = (start + tile) * d
+        pf_hi = min(n, start + 2 * tile) * d
         for r in range(n_init):
-            _nearest_tile(XT, b, S2, cn, r * k, k, A, best[r], second[r], arg[r], check)
+            _nearest_tile(XT, b, S2, cn, r * k, k, A, best[r], second[r], arg[r], check,
+                          X, pf_lo, pf_hi if r == 0 else pf_lo)  # fmt: skip
         for r in range(n_init):
             loss[r] = _accumulate(X, start, b, xsq, w, has_w, best[r], arg[r], labels[r], d1[r],
                                   sums[r], counts[r], loss[r])  # fmt: skip
@@ -752,7 +787,7 @@ def _fused_pass(
                         XU[f, q] = XT[f, unsure[r, q]]
                     for q in range(u, (u + 31) // 32 * 32):  # whole blocks for the SIMD path
                         XU[f, q] = 0
-                _nearest_tile(XU, u, P2, pn, r * k, k, A, ubest, usecond, uarg, False)
+                _nearest_tile(XU, u, P2, pn, r * k, k, A, ubest, usecond, uarg, False, X, 0, 0)
                 for q in range(u):
                     if uarg[q] != arg[r, unsure[r, q]]:
                         changed[r] += 1
@@ -819,7 +854,9 @@ def _pass(
         pmax, shift, smax = none, np.empty((0, k)), none
     else:
         shift = np.sqrt(((centers - previous) ** 2).sum(axis=-1))  # (n_init, k)
-        eps = float(np.finfo(X.dtype).eps * (d + 4))
+        # rounding of a compared value: d fused multiply-adds, ||mu||^2 cast to X's dtype and
+        # added (two more), with room to spare
+        eps = float(np.finfo(X.dtype).eps * (d + 6))
         prev_stacked, pn = _stack(previous, X.dtype)
         P2 = prev_stacked * X.dtype.type(-2)
         pmax = pn.reshape(n_init, k).max(axis=1)
