@@ -33,6 +33,7 @@ from __future__ import annotations
 import threading
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import numba
 import numpy as np
@@ -264,6 +265,18 @@ class _Vec(types.Type):
         self.lanes = lanes
         self.llvm = ir.VectorType(element, lanes)
         super().__init__(name=name)
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return _vec_type, (self.name,)
+
+
+def _vec_type(name: str) -> Any:
+    """The vector type of that name, for unpickling. numba's on-disk cache pickles the
+    signatures it compiled and unpickles an index before checking that it is current; by
+    class, an index written by a version of this module that had other vector types would
+    fail to load (AttributeError) instead of being discarded as stale. A name no longer
+    defined gives a plain string, which matches no signature."""
+    return next((t for t in (_f32x16, _f64x8, _i32x16) if t.name == name), name)
 
 
 class _F32x16(_Vec):

@@ -8,11 +8,13 @@ then takes the argmin and accumulates with ``np.add.at``.
 from __future__ import annotations
 
 import itertools
+import pickle
 from functools import reduce
 
 import numpy as np
 import pytest
 from conftest import blobs
+from llvmlite import ir
 
 from pipeline import kernel
 from pipeline.kernel import ChunkStats, assign_labels, chunk_stats, combine_stats
@@ -435,3 +437,13 @@ def test_empty_chunk() -> None:
     one = chunk_stats(np.array([[1.0, 2.0]]), centers, previous=centers + 1, offset=5, n_far=3)
     for combined in (combine_stats(empty, one), combine_stats(one, empty)):
         _assert_stats_equal(combined, one)
+
+
+def test_vector_types_unpickle_by_name() -> None:
+    # numba's on-disk cache pickles compiled signatures and unpickles an index before it
+    # checks the index is current: a type renamed or removed by a later version must not
+    # make the stale index fail to load
+    for t in (kernel._f32x16, kernel._f64x8, kernel._i32x16):
+        assert pickle.loads(pickle.dumps(t)) is t
+    gone = kernel._Vec("kmeans_gd.gone", 4, ir.IntType(8))
+    assert pickle.loads(pickle.dumps(gone)) == "kmeans_gd.gone"
