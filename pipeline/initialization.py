@@ -189,10 +189,11 @@ def _combine_round(a: _RoundPartial, b: _RoundPartial) -> _RoundPartial:
     return _RoundPartial(phi, a.counts + b.counts, pool.keep(pool.lwd2 > pool.u * phi))
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
 def _lower_to(X, centers, labels, base, d2, nearest):  # pragma: no cover
-    """Lower ``d2`` and ``nearest`` in place with each row's exact squared distance to the
-    candidate ``labels`` names: ``sum_f (x_f - c_f)^2`` in float64, in feature order."""
+    """Lower ``d2`` (float32) and ``nearest`` in place with each row's exact squared distance
+    to the candidate ``labels`` names: ``sum_f (x_f - c_f)^2`` in float64 (summed in an order
+    fixed by the number of features, so vectorised), compared with ``d2`` in float64."""
     n, d = X.shape
     for i in range(n):
         j = labels[i]
@@ -200,7 +201,7 @@ def _lower_to(X, centers, labels, base, d2, nearest):  # pragma: no cover
         for f in range(d):
             t = np.float64(X[i, f]) - centers[j, f]
             s += t * t
-        if s < d2[i]:
+        if s < np.float64(d2[i]):
             d2[i] = s
             nearest[i] = base + j
 
@@ -209,7 +210,7 @@ def _lower_nearest(
     X: np.ndarray, xsq: np.ndarray | None, centers: np.ndarray, base: int, d2: np.ndarray,
     nearest: np.ndarray,
 ) -> None:
-    """Lower ``d2`` (float64) and ``nearest`` in place with the squared distances to
+    """Lower ``d2`` (float32) and ``nearest`` in place with the squared distances to
     ``centers`` (float64), whose indices start at ``base``.
 
     The nearest of the new candidates is found by the matrix-product kernel (the same as a
@@ -220,6 +221,34 @@ def _lower_nearest(
     """
     labels, _ = kernel.assign_labels(X, centers, xsq)
     _lower_to(X, centers, labels, base, d2, nearest)
+
+
+@numba.njit(nogil=True, cache=True)
+def _splitmix64_one(z):  # pragma: no cover
+    """``_splitmix64_array`` of one uint64."""
+    z = z + np.uint64(_GOLDEN)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+@numba.njit(nogil=True, cache=True)
+def _sampled_rows(d2, w, has_w, key, offset, ell, phi):  # pragma: no cover
+    """Local indices of the rows with ``ell * (w * d2) > u * phi``, ``u`` being
+    ``uniform_hash`` of the row's global index: the same test, in the same arithmetic, as
+    on the pooled rows afterwards, in one loop instead of a dozen array temporaries."""
+    n = d2.shape[0]
+    out = np.empty(n, dtype=np.int64)
+    m = 0
+    for i in range(n):
+        wi = w[i] if has_w else 1.0
+        lwd2 = ell * (wi * np.float64(d2[i]))
+        z = _splitmix64_one(np.uint64(offset + i) ^ key)
+        u = (np.float64(z >> np.uint64(11)) + 0.5) * (1.0 / 9007199254740992.0)
+        if lwd2 > u * phi:
+            out[m] = i
+            m += 1
+    return out[:m]
 
 
 def _round_chunk(
@@ -238,31 +267,30 @@ def _round_chunk(
     """One chunk's part of a round: update the per-row state with the candidates added last
     round, then pool the rows this chunk's own phi (a lower bound of the total) would sample."""
     n, d = X.shape
-    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+    new_state = np.empty(n, dtype=STATE_DTYPE)
     if state is None:
-        d2 = np.full(n, np.inf)
-        nearest = np.zeros(n, dtype=np.int32)
+        new_state["d2"] = np.inf
+        new_state["nearest"] = 0
     else:
-        d2 = state["d2"].astype(np.float64)
-        nearest = state["nearest"].copy()
+        new_state[...] = state
+    d2, nearest = new_state["d2"], new_state["nearest"]
     if new_centers.shape[0]:
         centers = np.ascontiguousarray(new_centers, dtype=np.float64)
         _lower_nearest(X, xsq, centers, base, d2, nearest)
-    new_state = np.empty(n, dtype=STATE_DTYPE)
-    new_state["d2"] = d2
-    new_state["nearest"] = nearest
     # everything downstream uses the stored (float32) distances, as the next round will
-    wd2 = w * new_state["d2"].astype(np.float64)
+    w = None if weights is None else np.asarray(weights, dtype=np.float64)
+    wd2 = d2.astype(np.float64) if w is None else w * d2
     phi = float(wd2.sum())
     counts = np.bincount(nearest, weights=w, minlength=base + new_centers.shape[0])
     pool = _Pool.empty(d)
     if sample and phi > 0:
-        rows = offset + np.arange(n, dtype=np.int64)
-        u = uniform_hash(seed, stream, rows)
-        lwd2 = oversampling_l * wd2
-        keep = lwd2 > u * phi
-        pool = _Pool(rows[keep], lwd2[keep], u[keep], np.asarray(X[keep], dtype=np.float64))
-    return new_state, _RoundPartial(phi, counts, pool)
+        key = np.uint64(_stream_key(seed, stream))
+        local = _sampled_rows(d2, np.empty(0) if w is None else w, w is not None, key, offset,
+                              oversampling_l, phi)  # fmt: skip
+        rows = offset + local
+        lwd2 = oversampling_l * wd2[local]
+        pool = _Pool(rows, lwd2, uniform_hash(seed, stream, rows), np.asarray(X[local], dtype=np.float64))
+    return new_state, _RoundPartial(phi, counts.astype(np.float64), pool)
 
 
 def _first_key_chunk(weights: np.ndarray, seed: int, offset: int) -> tuple[float, int]:
