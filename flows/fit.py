@@ -267,7 +267,7 @@ def kmeans_fit(
 
             with parquet_io.atomic_output_dir(output, overwrite=overwrite) as tmp:
                 t0 = time.perf_counter()
-                final = label_files(dataset, result.centers, os.path.join(tmp, "labels"), dtype)
+                final = label_files(dataset, result.centers, os.path.join(tmp, "labels"), dtype, data=data)
                 label_seconds = time.perf_counter() - t0
                 if minibatch:
                     result.inertia = float(final.loss[0])

@@ -524,27 +524,34 @@ def iter_labelled_batches(
     dataset: ParquetDataset,
     file_index: int,
     dtype: str | np.dtype[Any] = "float32",
-) -> Iterator[tuple[np.ndarray, np.ndarray | None, pa.Table]]:
+    *,
+    features: bool = True,
+) -> Iterator[tuple[np.ndarray | None, np.ndarray | None, pa.Table]]:
     """One file's rows row group by row group: (features, weights or None, passthrough columns).
 
     Memory is bounded by one row group (as the writer writes each one before the next is read),
     never by the file or a chunk. ``iter_batches`` was measured to hold 10-15 times its batch
-    size (it reads ahead), so whole row groups are read one at a time instead.
+    size (it reads ahead), so whole row groups are read one at a time instead. With
+    ``features=False`` the feature columns are not read and the features are None.
     """
     dtype = np.dtype(dtype)
     path = dataset.files[file_index]
     passthrough = list(dataset.passthrough_columns)
-    columns = list(dataset.features) + [n for n in passthrough if n not in dataset.features]
+    columns = (list(dataset.features) if features else []) + [
+        n for n in passthrough if n not in dataset.features
+    ]
     with _open_parquet_file(dataset, path) as parquet:
         for rg in range(parquet.metadata.num_row_groups):
-            table = parquet.read_row_group(rg, columns=columns)
-            if table.num_rows == 0:
+            if parquet.metadata.row_group(rg).num_rows == 0:
                 continue
-            X = np.empty((table.num_rows, dataset.n_features), dtype=dtype)
-            try:
-                _fill(X, 0, table, dataset.features)
-            except _NonFinite as bad:
-                raise _non_finite_error(bad, path) from None
+            table = parquet.read_row_group(rg, columns=columns)
+            X = None
+            if features:
+                X = np.empty((table.num_rows, dataset.n_features), dtype=dtype)
+                try:
+                    _fill(X, 0, table, dataset.features)
+                except _NonFinite as bad:
+                    raise _non_finite_error(bad, path) from None
             weights = _weights(table, dataset, path) if dataset.weight_column is not None else None
             kept = table.select(passthrough)
             del table

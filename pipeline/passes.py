@@ -316,6 +316,23 @@ def stats_pass(
     return total
 
 
+def _empty_label_stats(k: int, d: int) -> ChunkStats:
+    return ChunkStats(
+        sums=np.zeros((1, k, d)), counts=np.zeros((1, k)), loss=np.zeros(1),
+        changed=np.full(1, -1, dtype=np.int64), far_dist=np.zeros((1, 0)),
+        far_rows=np.zeros((1, 0, d)), far_index=np.zeros((1, 0), dtype=np.int64),
+    )  # fmt: skip
+
+
+def _add_labelled(
+    stats: ChunkStats, labels: np.ndarray, dist: np.ndarray, weights: np.ndarray | None
+) -> None:
+    w = np.ones(len(labels)) if weights is None else weights
+    stats.counts[0] += np.bincount(labels, weights=w, minlength=stats.counts.shape[1])
+    stats.loss[0] += float(np.dot(w, dist))
+    stats.n_rows += len(labels)
+
+
 def _label_file_task(
     dataset: parquet_io.ParquetDataset,
     file_index: int,
@@ -325,26 +342,58 @@ def _label_file_task(
 ) -> ChunkStats:
     """Label one input file in bounded batches, appending each to its output file as it goes;
     return the file's counts and loss."""
-    k, d = centers.shape
-    stats = ChunkStats(
-        sums=np.zeros((1, k, d)), counts=np.zeros((1, k)), loss=np.zeros(1),
-        changed=np.full(1, -1, dtype=np.int64), far_dist=np.zeros((1, 0)),
-        far_rows=np.zeros((1, 0, d)), far_index=np.zeros((1, 0), dtype=np.int64),
-    )  # fmt: skip
+    stats = _empty_label_stats(*centers.shape)
     with parquet_io.LabelledFileWriter(dataset, file_index, out_dir) as writer:
         for X, weights, passthrough in parquet_io.iter_labelled_batches(dataset, file_index, dtype):
             labels, dist = kernel.assign_labels(X, centers)
             del X
             writer.write(passthrough, labels, dist)
-            w = np.ones(len(labels)) if weights is None else weights
-            stats.counts[0] += np.bincount(labels, weights=w, minlength=k)
-            stats.loss[0] += float(np.dot(w, dist))
-            stats.n_rows += len(labels)
+            _add_labelled(stats, labels, dist, weights)
     return stats
 
 
+def _chunk_labels_task(
+    X: np.ndarray, xsq: np.ndarray, centers: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    return kernel.assign_labels(X, centers, xsq)
+
+
+def _write_labels_task(
+    dataset: parquet_io.ParquetDataset,
+    file_index: int,
+    parts: Sequence[tuple[np.ndarray, np.ndarray]],
+    k: int,
+    out_dir: str,
+) -> ChunkStats:
+    """Write one input file's labelled copy from its chunks' (labels, distances), in order,
+    reading only its other columns; return the file's counts and loss."""
+    stats = _empty_label_stats(k, dataset.n_features)
+    part, pos = 0, 0
+    with parquet_io.LabelledFileWriter(dataset, file_index, out_dir) as writer:
+        for _, weights, passthrough in parquet_io.iter_labelled_batches(
+            dataset, file_index, features=False
+        ):
+            # chunks are whole row groups, so a row group never straddles two parts
+            while pos == len(parts[part][0]):
+                part, pos = part + 1, 0
+            end = pos + passthrough.num_rows
+            labels, dist = parts[part][0][pos:end], parts[part][1][pos:end]
+            pos = end
+            writer.write(passthrough, labels, dist)
+            _add_labelled(stats, labels, dist, weights)
+    return stats
+
+
+#: Bytes per row of a file's labels and distances, which the task writing the file holds.
+_LABEL_ROW_BYTES = 12
+
+
 def label_files(
-    dataset: parquet_io.ParquetDataset, centers: np.ndarray, out_dir: str, dtype: Any = "float32"
+    dataset: parquet_io.ParquetDataset,
+    centers: np.ndarray,
+    out_dir: str,
+    dtype: Any = "float32",
+    data: DaskData | None = None,
 ) -> ChunkStats:
     """The final pass: write one labelled Parquet file per input file, in parallel on the
     workers, and return the cluster sizes and inertia of ``centers`` over all rows.
@@ -352,14 +401,38 @@ def label_files(
     Each file is streamed in bounded batches (``parquet_io.iter_labelled_batches``) and written
     incrementally, so a worker's memory does not grow with the size of a file or a row group.
     A task that fails is rerun (``RETRIES``) and rewrites its whole output file.
+
+    With ``data``, the same rows held in the workers' memory (persisted, planned as
+    ``dataset``'s chunks), the labels are computed there, chunk by chunk where each chunk is,
+    and the writing tasks read only the columns that are not features; unless a file's labels
+    would take more than ``parquet_io.DEFAULT_CHUNK_BYTES``.
     """
     os.makedirs(out_dir, exist_ok=True)
     centers_key = delayed(np.asarray(centers, dtype=np.float64), pure=True)
     slim = dataset.for_tasks()
-    parts = [
-        delayed(_label_file_task, pure=False)(slim, i, centers_key, np.dtype(dtype), out_dir)
-        for i in range(len(dataset.files))
-    ]
+    held = (
+        data is not None
+        and not data.streamed
+        and data.xsq is not None
+        and tuple(data.X.chunks[0]) == dataset.chunk_sizes()
+        and max(dataset.file_rows, default=0) * _LABEL_ROW_BYTES <= parquet_io.DEFAULT_CHUNK_BYTES
+    )
+    if held:
+        assert data is not None
+        by_file: list[list[Delayed]] = [[] for _ in dataset.files]
+        for chunk, (x, _, q, _) in zip(dataset.chunks, data.blocks(), strict=True):
+            by_file[chunk.file_index].append(
+                delayed(_chunk_labels_task, pure=True)(x, q, centers_key)
+            )
+        parts = [
+            delayed(_write_labels_task, pure=False)(slim, i, by_file[i], len(centers), out_dir)
+            for i in range(len(dataset.files))
+        ]
+    else:
+        parts = [
+            delayed(_label_file_task, pure=False)(slim, i, centers_key, np.dtype(dtype), out_dir)
+            for i in range(len(dataset.files))
+        ]
     (total,) = dask.compute(tree_reduce(parts, kernel.combine_stats), retries=RETRIES)
     return total
 

@@ -206,7 +206,8 @@ def test_stats_pass_is_repeatable(tmp_path: Path, dask_client) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_label_files(tmp_path: Path, dask_client) -> None:
+@pytest.mark.parametrize("held", [False, True], ids=["read", "persisted"])
+def test_label_files(tmp_path: Path, dask_client, held: bool) -> None:
     X = blobs(n=300, d=2, k=3, seed=5)
     w = np.random.default_rng(5).uniform(0.5, 2.0, size=len(X))
     names = np.array([f"row-{i}" for i in range(len(X))])
@@ -221,7 +222,10 @@ def test_label_files(tmp_path: Path, dask_client) -> None:
     ds = open_parquet(tmp_path / "in", id_column="id", weight_column="w", chunk_bytes=8 * 30)
     centers = _centers(X, 3)
     out = tmp_path / "out"
-    stats = label_files(ds, centers, str(out))
+    # persisted: the labels are computed where the rows are held (several chunks per file)
+    data = data_from_parquet(ds).persist() if held else None
+    assert ds.chunk_sizes() != tuple(ds.file_rows)
+    stats = label_files(ds, centers, str(out), data=data)
     assert sorted(os.listdir(out)) == [f"part-{i}.parquet" for i in range(4)]
     X32 = X.astype(np.float32)  # the default dtype of the pass
     labels, dist = kernel.assign_labels(X32, centers)
@@ -241,6 +245,33 @@ def test_label_files(tmp_path: Path, dask_client) -> None:
     np.testing.assert_allclose(stats.counts[0], np.bincount(labels, weights=w, minlength=3))
     assert stats.loss[0] == pytest.approx(float(w @ dist), rel=1e-12)
     assert stats.n_rows == len(X)
+
+
+def test_label_files_from_held_rows_read_no_features(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    X = blobs(n=200, d=3, k=2, seed=8)
+    write_parquet(tmp_path / "in.parquet", X, row_group_rows=16, extra={"id": np.arange(200)})
+    ds = open_parquet(tmp_path / "in.parquet", id_column="id", chunk_bytes=4 * 3 * 48)
+    centers = _centers(X, 2)
+    with dask.config.set(scheduler="sync"):
+        data = data_from_parquet(ds).persist()
+        want = label_files(ds, centers, str(tmp_path / "want"))
+
+        def no_features(*args: object) -> None:
+            raise AssertionError("the features were read again")
+
+        monkeypatch.setattr(parquet_io, "_fill", no_features)
+        have = label_files(ds, centers, str(tmp_path / "have"), data=data)
+        assert pq.read_table(tmp_path / "have" / "in.parquet").equals(
+            pq.read_table(tmp_path / "want" / "in.parquet")
+        )
+        np.testing.assert_array_equal(have.counts, want.counts)
+        assert have.loss[0] == pytest.approx(want.loss[0], rel=1e-12)
+        # a file whose labels would not fit a chunk's budget is read and labelled as before
+        monkeypatch.setattr(passes, "_LABEL_ROW_BYTES", parquet_io.DEFAULT_CHUNK_BYTES)
+        with pytest.raises(AssertionError, match="features were read again"):
+            label_files(ds, centers, str(tmp_path / "big"), data=data)
 
 
 def test_label_files_float64(tmp_path: Path) -> None:
