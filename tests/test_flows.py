@@ -222,7 +222,9 @@ def test_fit_flow_runs_on_the_given_scheduler(fitted: dict[str, Any]) -> None:
     Parquet reads and the labelling tasks of the run."""
     keys = [str(task["key"]) for task in fitted["tasks"]]
     assert any("read-parquet" in key for key in keys), keys[:20]
-    assert any("_label_file_task" in key for key in keys), keys[:20]
+    # the rows fit the workers' memory: labelled where they are held, then written file by file
+    assert any("_chunk_labels_task" in key for key in keys), keys[:20]
+    assert any("_write_labels_task" in key for key in keys), keys[:20]
 
 
 def test_fit_flow_run_is_recorded_by_the_api(fitted: dict[str, Any]) -> None:
