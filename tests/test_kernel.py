@@ -213,6 +213,39 @@ def test_changed_large_moves(dtype) -> None:
     assert s.changed.dtype == np.int64
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("change", ["swap two rows", "copy a row"])
+def test_changed_counts_rows_modified_in_place(dtype, change: str) -> None:
+    """The labels of the last pass over an array are remembered to count changed labels; an
+    array modified in place since is noticed (by its checksum) and counted from scratch."""
+    rng = np.random.default_rng(12)
+    X = blobs(n=2000, d=4, k=5, seed=12, spread=2.0).astype(dtype)
+    previous = rng.uniform(-10, 10, size=(1, 5, 4))
+    centers = rng.uniform(-10, 10, size=(1, 5, 4))
+    keep = np.ones(len(X), dtype=bool)
+    for C in (*centers, *previous):
+        ref = _ref_stats(X, C)
+        keep &= ref["margin"] > 1e-3 * (1.0 + ref["dist"])
+    X = np.ascontiguousarray(X[keep])
+    first = chunk_stats(X, previous)  # remembers X's labels under ``previous``
+    before = _ref_distances(X, previous[0]).argmin(1)
+    after = _ref_distances(X, centers[0]).argmin(1)
+    # two rows whose label does not change, with different labels: moved, they change
+    stay = np.flatnonzero(before == after)
+    i = stay[0]
+    j = stay[before[stay] != before[i]][0]
+    if change == "swap two rows":
+        X[[i, j]] = X[[j, i]]
+    else:
+        X[i] = X[j]
+    s = chunk_stats(X, centers, previous=previous)
+    expected = _brute_changed(X, centers[0], previous[0])
+    # what the remembered labels would count had the change gone unnoticed
+    assert np.count_nonzero(_ref_distances(X, centers[0]).argmin(1) != before) != expected
+    assert s.changed[0] == expected
+    assert first.changed[0] == -1
+
+
 @pytest.mark.parametrize(
     ("dtype", "shift", "unit"),
     [(np.float64, 1e-7, 1e-8), (np.float32, 1e-2, 1e-3)],
