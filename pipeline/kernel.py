@@ -528,6 +528,13 @@ def _transpose_tile32(X, start, b, XT):  # pragma: no cover
 
 
 @numba.njit(nogil=True, cache=True)
+def _fma32(mu, x, y, p, q):  # pragma: no cover
+    """One feature of one mean into the products of 32 rows: ``p += mu * x``, ``q += mu * y``."""
+    m = _splat16(mu)
+    return _fma16(m, x, p), _fma16(m, y, q)
+
+
+@numba.njit(nogil=True, cache=True)
 def _fold32(p, q, c, j, st, want_second):  # pragma: no cover
     """Fold one mean's ``-2 x.mu`` for 32 rows (``p``: rows 0-15, ``q``: 16-31) and its
     squared norm ``c`` into the state (best, second, label per 16 rows)."""
@@ -570,22 +577,14 @@ def _tile_nearest32(
                 row = XT[f]
                 x = _load16(row, i0)
                 y = _load16(row, i1)
-                m = _splat16(S2[jj, f])
-                p0, q0 = _fma16(m, x, p0), _fma16(m, y, q0)
-                m = _splat16(S2[jj + 1, f])
-                p1, q1 = _fma16(m, x, p1), _fma16(m, y, q1)
-                m = _splat16(S2[jj + 2, f])
-                p2, q2 = _fma16(m, x, p2), _fma16(m, y, q2)
-                m = _splat16(S2[jj + 3, f])
-                p3, q3 = _fma16(m, x, p3), _fma16(m, y, q3)
-                m = _splat16(S2[jj + 4, f])
-                p4, q4 = _fma16(m, x, p4), _fma16(m, y, q4)
-                m = _splat16(S2[jj + 5, f])
-                p5, q5 = _fma16(m, x, p5), _fma16(m, y, q5)
-                m = _splat16(S2[jj + 6, f])
-                p6, q6 = _fma16(m, x, p6), _fma16(m, y, q6)
-                m = _splat16(S2[jj + 7, f])
-                p7, q7 = _fma16(m, x, p7), _fma16(m, y, q7)
+                p0, q0 = _fma32(S2[jj, f], x, y, p0, q0)
+                p1, q1 = _fma32(S2[jj + 1, f], x, y, p1, q1)
+                p2, q2 = _fma32(S2[jj + 2, f], x, y, p2, q2)
+                p3, q3 = _fma32(S2[jj + 3, f], x, y, p3, q3)
+                p4, q4 = _fma32(S2[jj + 4, f], x, y, p4, q4)
+                p5, q5 = _fma32(S2[jj + 5, f], x, y, p5, q5)
+                p6, q6 = _fma32(S2[jj + 6, f], x, y, p6, q6)
+                p7, q7 = _fma32(S2[jj + 7, f], x, y, p7, q7)
             st = _fold32(p0, q0, cn[jj], j, st, want_second)
             st = _fold32(p1, q1, cn[jj + 1], j + 1, st, want_second)
             st = _fold32(p2, q2, cn[jj + 2], j + 2, st, want_second)
@@ -600,9 +599,7 @@ def _tile_nearest32(
             p0, q0 = zero, zero
             for f in range(d):
                 row = XT[f]
-                m = _splat16(S2[jj, f])
-                p0 = _fma16(m, _load16(row, i0), p0)
-                q0 = _fma16(m, _load16(row, i1), q0)
+                p0, q0 = _fma32(S2[jj, f], _load16(row, i0), _load16(row, i1), p0, q0)
             st = _fold32(p0, q0, cn[jj], j, st, want_second)
             j += 1
         b0, b1, s0, s1, a0, a1 = st

@@ -194,18 +194,23 @@ def _brute_changed(X: np.ndarray, centers: np.ndarray, previous: np.ndarray) -> 
     )
 
 
+def _far_from_ties(X: np.ndarray, *means: np.ndarray) -> np.ndarray:
+    """The rows not close to a tie under any of the sets of means, so float32 rounding cannot
+    decide their labels."""
+    keep = np.ones(len(X), dtype=bool)
+    for C in means:
+        ref = _ref_stats(X, C)
+        keep &= ref["margin"] > 1e-3 * (1.0 + ref["dist"])
+    return X[keep]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_changed_large_moves(dtype) -> None:
     rng = np.random.default_rng(11)
     X = blobs(n=3000, d=3, k=6, seed=11, spread=2.0).astype(dtype)
     centers = rng.uniform(-10, 10, size=(2, 6, 3))
     previous = rng.uniform(-10, 10, size=(2, 6, 3))
-    # drop the rows close to a tie under either set of means, so float32 rounding cannot decide
-    keep = np.ones(len(X), dtype=bool)
-    for C in (*centers, *previous):
-        ref = _ref_stats(X, C)
-        keep &= ref["margin"] > 1e-3 * (1.0 + ref["dist"])
-    X = X[keep]
+    X = _far_from_ties(X, *centers, *previous)
     s = chunk_stats(X, centers, previous=previous)
     expected = [_brute_changed(X, centers[r], previous[r]) for r in range(2)]
     assert min(expected) > 100  # the moves really are large
@@ -222,11 +227,7 @@ def test_changed_counts_rows_modified_in_place(dtype, change: str) -> None:
     X = blobs(n=2000, d=4, k=5, seed=12, spread=2.0).astype(dtype)
     previous = rng.uniform(-10, 10, size=(1, 5, 4))
     centers = rng.uniform(-10, 10, size=(1, 5, 4))
-    keep = np.ones(len(X), dtype=bool)
-    for C in (*centers, *previous):
-        ref = _ref_stats(X, C)
-        keep &= ref["margin"] > 1e-3 * (1.0 + ref["dist"])
-    X = np.ascontiguousarray(X[keep])
+    X = np.ascontiguousarray(_far_from_ties(X, *centers, *previous))
     first = chunk_stats(X, previous)  # remembers X's labels under ``previous``
     before = _ref_distances(X, previous[0]).argmin(1)
     after = _ref_distances(X, centers[0]).argmin(1)
