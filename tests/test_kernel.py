@@ -481,3 +481,20 @@ def test_vector_types_unpickle_by_name() -> None:
         assert pickle.loads(pickle.dumps(t)) is t
     gone = kernel._Vec("kmeans_gd.gone", 4, ir.IntType(8))
     assert pickle.loads(pickle.dumps(gone)) == "kmeans_gd.gone"
+
+
+@pytest.mark.parametrize("d, m", [(1, 1), (3, 5), (16, 16), (32, 65536 + 7), (37, 53)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_columns_to_rows(d: int, m: int, dtype) -> None:
+    rng = np.random.default_rng(d * m)
+    buffer = rng.standard_normal((d, m + 9)).astype(dtype)
+    cols = buffer[:, :m]  # a view with rows of stride m + 9, as the Parquet reader passes
+    out = np.full((m + 2, d), np.nan, dtype=dtype)
+    kernel.columns_to_rows(cols, out[1 : m + 1])
+    np.testing.assert_array_equal(out[1 : m + 1], cols.T)
+    assert np.isnan(out[0]).all() and np.isnan(out[-1]).all()  # nothing written outside
+
+
+def test_columns_to_rows_refuses_other_shapes() -> None:
+    with pytest.raises(ValueError, match=r"out has shape \(4, 3\); expected \(5, 3\)\."):
+        kernel.columns_to_rows(np.zeros((3, 5), np.float32), np.zeros((4, 3), np.float32))
