@@ -507,21 +507,29 @@ def _transpose16(typingctx, X, r0, c0, XT, t0):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(nogil=True, cache=True)
+def _transpose32(src, r0, p, dst):  # pragma: no cover
+    """``dst[c, i] = src[r0 + i, c]`` for ``i < p`` and every column ``c`` of float32 ``src``,
+    by 16 x 16 blocks in registers (each row of ``src`` and of ``dst`` contiguous)."""
+    q = src.shape[1]
+    full_r = p // 16 * 16
+    full_c = q // 16 * 16
+    for i0 in range(0, full_r, 16):
+        for c0 in range(0, full_c, 16):
+            _transpose16(src, r0 + i0, c0, dst, i0)
+        for c in range(full_c, q):
+            for i in range(i0, i0 + 16):
+                dst[c, i] = src[r0 + i, c]
+    for i in range(full_r, p):
+        for c in range(q):
+            dst[c, i] = src[r0 + i, c]
+
+
+@numba.njit(nogil=True, cache=True)
 def _transpose_tile32(X, start, b, XT):  # pragma: no cover
     """Rows ``start..start+b`` of float32 X into the columns of XT, zero-padded to a multiple
     of 32 columns."""
     d = X.shape[1]
-    full_r = b // 16 * 16
-    full_c = d // 16 * 16
-    for i0 in range(0, full_r, 16):
-        for c0 in range(0, full_c, 16):
-            _transpose16(X, start + i0, c0, XT, i0)
-        for f in range(full_c, d):
-            for ii in range(i0, i0 + 16):
-                XT[f, ii] = X[start + ii, f]
-    for ii in range(full_r, b):
-        for f in range(d):
-            XT[f, ii] = X[start + ii, f]
+    _transpose32(X, start, b, XT)
     padded = (b + 31) // 32 * 32
     for f in range(d):
         for ii in range(b, padded):
@@ -820,24 +828,6 @@ def _row_sq_norms(X, out):  # pragma: no cover
         out[i] = s
 
 
-@numba.njit(nogil=True, cache=True)
-def _columns_to_rows32(cols, out):  # pragma: no cover
-    """``out[i, f] = cols[f, i]``, float32, by 16 x 16 blocks in registers (each row of
-    ``cols`` and of ``out`` contiguous)."""
-    d, m = cols.shape
-    full_r = m // 16 * 16
-    full_c = d // 16 * 16
-    for i0 in range(0, full_r, 16):
-        for f0 in range(0, full_c, 16):
-            _transpose16(cols, f0, i0, out, f0)
-        for f in range(full_c, d):
-            for i in range(i0, i0 + 16):
-                out[i, f] = cols[f, i]
-    for i in range(full_r, m):
-        for f in range(d):
-            out[i, f] = cols[f, i]
-
-
 def columns_to_rows(cols: np.ndarray, out: np.ndarray) -> None:
     """Copy a column-major block (features x rows) into the rows of ``out`` (rows x features).
 
@@ -851,7 +841,7 @@ def columns_to_rows(cols: np.ndarray, out: np.ndarray) -> None:
         cols.dtype == np.float32 and out.dtype == np.float32
         and cols.strides[1] == 4 and out.flags.c_contiguous
     ):  # fmt: skip
-        _columns_to_rows32(cols, out)
+        _transpose32(cols, 0, cols.shape[0], out)
     else:
         out[...] = cols.T
 
