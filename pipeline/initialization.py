@@ -117,32 +117,38 @@ MAX_EXTRA_ROUNDS = 10
 STATE_DTYPE = np.dtype([("d2", "<f4"), ("nearest", "<i4")])
 
 
-def _splitmix64(z: int) -> int:
-    """splitmix64 of one Python integer (Steele, Lea & Flood 2014)."""
-    z = (z + _GOLDEN) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
-def _splitmix64_array(z: np.ndarray) -> np.ndarray:
-    """splitmix64 of a uint64 array; arithmetic wraps modulo 2**64."""
+@numba.njit(nogil=True, cache=True)
+def _splitmix64(z):  # pragma: no cover
+    """splitmix64 of one uint64 (Steele, Lea & Flood 2014); arithmetic wraps modulo 2**64."""
     z = z + np.uint64(_GOLDEN)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return z ^ (z >> np.uint64(31))
 
 
+@numba.njit(nogil=True, cache=True)
+def _uniform(row, key):  # pragma: no cover
+    """The uniform number in (0, 1) of one global row index under a stream's key."""
+    z = _splitmix64(np.uint64(row) ^ key)
+    return (np.float64(z >> np.uint64(11)) + 0.5) * (1.0 / 9007199254740992.0)  # 2**-53
+
+
+@numba.njit(nogil=True, cache=True)
+def _uniforms(rows, key):  # pragma: no cover
+    out = np.empty(rows.shape[0])
+    for i in range(rows.shape[0]):
+        out[i] = _uniform(rows[i], key)
+    return out
+
+
 def _stream_key(seed: int, stream: int) -> int:
-    return _splitmix64(_splitmix64(int(seed) & _MASK64) ^ (int(stream) & _MASK64))
+    return _splitmix64(_splitmix64(np.uint64(int(seed) & _MASK64)) ^ np.uint64(int(stream) & _MASK64))
 
 
 def uniform_hash(seed: int, stream: int, rows: np.ndarray) -> np.ndarray:
     """A uniform number in (0, 1) for each global row index, a pure function of
     (seed, stream, row): the same whatever chunk or task computes it."""
-    key = np.uint64(_stream_key(seed, stream))
-    z = _splitmix64_array(np.asarray(rows, dtype=np.uint64) ^ key)
-    return ((z >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / (1 << 53))
+    return _uniforms(np.asarray(rows, dtype=np.uint64), np.uint64(_stream_key(seed, stream)))
 
 
 @dataclass
@@ -224,15 +230,6 @@ def _lower_nearest(
 
 
 @numba.njit(nogil=True, cache=True)
-def _splitmix64_one(z):  # pragma: no cover
-    """``_splitmix64_array`` of one uint64."""
-    z = z + np.uint64(_GOLDEN)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-@numba.njit(nogil=True, cache=True)
 def _sampled_rows(d2, w, has_w, key, offset, ell, phi):  # pragma: no cover
     """Local indices of the rows with ``ell * (w * d2) > u * phi``, ``u`` being
     ``uniform_hash`` of the row's global index: the same test, in the same arithmetic, as
@@ -243,9 +240,7 @@ def _sampled_rows(d2, w, has_w, key, offset, ell, phi):  # pragma: no cover
     for i in range(n):
         wi = w[i] if has_w else 1.0
         lwd2 = ell * (wi * np.float64(d2[i]))
-        z = _splitmix64_one(np.uint64(offset + i) ^ key)
-        u = (np.float64(z >> np.uint64(11)) + 0.5) * (1.0 / 9007199254740992.0)
-        if lwd2 > u * phi:
+        if lwd2 > _uniform(offset + i, key) * phi:
             out[m] = i
             m += 1
     return out[:m]
