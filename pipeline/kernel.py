@@ -30,6 +30,7 @@ are skipped and the others get their previous label recomputed.
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from dataclasses import dataclass
@@ -621,14 +622,20 @@ def _tile_nearest32(
 
 
 @numba.njit(nogil=True, cache=True)
-def _accumulate(X, start, b, xsq, w, has_w, best, arg, labels, d1, sums, counts, loss):
+def _accumulate(X, start, b, xt, w, has_w, best, arg, labels, d1, sums, counts, loss, count):
     # pragma: no cover
-    """Rows ``start..start+b`` of one restart: labels and clamped distances, then, row by row
+    """Rows ``start..start+b`` of one restart (``xt``: their squared norms): labels and
+    clamped distances, then, row by row
     in order, ``counts[a] += w``, ``loss += w * dist`` and ``sums[a] += w * x`` (float64, the
-    product rounded before the sum). Returns the loss."""
+    product rounded before the sum). With ``count``, ``labels`` holds the previous labels on
+    entry and the rows whose label differs are counted as they are overwritten. Returns the
+    loss and that count."""
+    changed = 0
     for ii in range(b):
-        dist = xsq[start + ii] + best[ii]
+        dist = xt[ii] + best[ii]
         d1[start + ii] = max(dist, 0.0)
+        if count:
+            changed += labels[start + ii] != arg[ii]
         labels[start + ii] = arg[ii]
     for ii in range(b):
         i = start + ii
@@ -637,7 +644,7 @@ def _accumulate(X, start, b, xsq, w, has_w, best, arg, labels, d1, sums, counts,
         counts[a] += wi
         loss += wi * d1[i]
         _add_row(sums[a], X[i], wi, has_w)
-    return loss
+    return loss, changed
 
 
 @numba.njit(nogil=True, cache=True)
@@ -744,8 +751,8 @@ def _add_row_impl(row, x, wi, has_w):  # type: ignore[no-untyped-def]
 
 @numba.njit(nogil=True, cache=True)
 def _fused_pass(
-    X, words, S2, cn, xsq, w, k, tile, labels, d1, sums, counts, loss,
-    P2, pn, eps, pmax, shift, smax, changed,
+    X, words, S2, cn, xsq, w, k, tile, labels, d1, sums, counts, loss, sq_total,
+    P2, pn, eps, pmax, shift, smax, changed, count_in_place,
 ):  # pragma: no cover
     """The whole pass over X, tile by tile; returns the checksum of ``words`` (X's bytes as
     32- or 64-bit words, or empty), taken while each tile is in cache (see ``_LabelMemo``).
@@ -757,6 +764,12 @@ def _fused_pass(
     did not change (its margin to the second-nearest mean exceeds the means' moves, ``shift``
     per mean and ``smax`` their largest, with rounding ``slack``) is skipped, and every other
     row gets its previous label from the previous means: ``changed`` counts the differences.
+    With ``count_in_place``, ``labels`` holds the previous labels on entry and ``changed``
+    counts the rows whose label is overwritten by a different one.
+
+    The rows' squared norms are taken from ``xsq``, or, when it is empty, computed from each
+    transposed tile while it is in cache (``_tile_norms``, as ``row_sq_norms`` does: the same
+    values); ``sq_total[0]`` gets their weighted sum, in row order.
     """
     n, d = X.shape
     n_init = S2.shape[0] // k
@@ -773,12 +786,20 @@ def _fused_pass(
     uarg = np.empty(tile, dtype=np.int32)
     unsure = np.empty((n_init, tile), dtype=np.int64)
     n_unsure = np.zeros(n_init, dtype=np.int64)
+    xt = np.empty(tile)
+    has_xsq = xsq.shape[0] > 0
     per_row = words.shape[0] // n if n > 0 else 0
     h = np.uint64(0)
     for start in range(0, n, tile):
         b = min(tile, n - start)
         _transpose_tile(X, start, b, XT)
         h += _checksum(words, start * per_row, (start + b) * per_row)
+        if has_xsq:
+            xt[:b] = xsq[start : start + b]
+        else:
+            _tile_norms(XT, b, xt)
+        for ii in range(b):
+            sq_total[0] += w[start + ii] * xt[ii] if has_w else xt[ii]
         # the next tile's rows, fetched while this one's products are formed
         pf_lo = (start + tile) * d
         pf_hi = min(n, start + 2 * tile) * d
@@ -786,13 +807,14 @@ def _fused_pass(
             _nearest_tile(XT, b, S2, cn, r * k, k, A, best[r], second[r], arg[r], check,
                           X, pf_lo, pf_hi if r == 0 else pf_lo)  # fmt: skip
         for r in range(n_init):
-            loss[r] = _accumulate(X, start, b, xsq, w, has_w, best[r], arg[r], labels[r], d1[r],
-                                  sums[r], counts[r], loss[r])  # fmt: skip
+            loss[r], ch = _accumulate(X, start, b, xt, w, has_w, best[r], arg[r], labels[r],
+                                      d1[r], sums[r], counts[r], loss[r], count_in_place)  # fmt: skip
+            changed[r] += ch
         n_unsure[:] = 0
         if check:
             for ii in range(b):
                 i = start + ii
-                xs = xsq[i]
+                xs = xt[ii]
                 for r in range(n_init):
                     slack = eps * (xs + pmax[r] + 1.0)
                     own = np.sqrt(d1[r, i] + slack) + shift[r, arg[r, ii]]
@@ -817,15 +839,26 @@ def _fused_pass(
     return h
 
 
-@numba.njit(nogil=True, cache=True, fastmath=True)
+@numba.njit(nogil=True, cache=True)
+def _tile_norms(XT, b, out):  # pragma: no cover
+    """``out[i]``: the squared norm of column ``i < b`` of XT, summed in float64 in feature
+    order (vectorised over the columns, each sum's order fixed)."""
+    out[:b] = 0.0
+    for f in range(XT.shape[0]):
+        for ii in range(b):
+            v = np.float64(XT[f, ii])
+            out[ii] += v * v
+
+
+@numba.njit(nogil=True, cache=True)
 def _row_sq_norms(X, out):  # pragma: no cover
     n, d = X.shape
-    for i in range(n):
-        s = 0.0
-        for f in range(d):
-            v = np.float64(X[i, f])
-            s += v * v
-        out[i] = s
+    tile = 256
+    XT = np.empty((d, tile), dtype=X.dtype)
+    for start in range(0, n, tile):
+        b = min(tile, n - start)
+        _transpose_tile(X, start, b, XT)
+        _tile_norms(XT, b, out[start : start + b])
 
 
 def columns_to_rows(cols: np.ndarray, out: np.ndarray) -> None:
@@ -849,13 +882,18 @@ def columns_to_rows(cols: np.ndarray, out: np.ndarray) -> None:
 def row_sq_norms(X: np.ndarray) -> np.ndarray:
     """Squared norm of each row, accumulated in float64.
 
-    Compiled: 2.5 times as fast as ``np.einsum(..., dtype=float64)``, which it replaced (it is
-    computed for every streamed chunk in every pass). The summation order depends only on the
-    number of features, so a row's norm does not depend on the chunk it is in.
+    Compiled, by tiles of rows transposed as in the pass, which computes the same values
+    itself when not given them. Each row's sum is taken in feature order, so a row's norm does
+    not depend on the chunk it is in or on whether the pass computed it.
     """
     out = np.empty(X.shape[0], dtype=np.float64)
     _row_sq_norms(X, out)
     return out
+
+
+#: An empty float64 array: "no weights", "no previous means" for the compiled pass.
+_NONE = np.empty(0, dtype=np.float64)
+_SCRATCH = threading.local()
 
 
 def _stack(centers: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -867,32 +905,38 @@ def _stack(centers: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray
 def _pass(
     X: np.ndarray,
     centers: np.ndarray,
-    xsq: np.ndarray,
+    xsq: np.ndarray | None,
     w: np.ndarray | None,
+    labels: np.ndarray,
+    d1: np.ndarray,
     previous: np.ndarray | None = None,
-) -> tuple[np.ndarray, ...]:
-    """One compiled pass over X: labels and clamped best squared distances per restart and
-    row, the weighted sums, counts and loss, (with ``previous``) the changed labels, and a
-    checksum of X's bytes (None unless X is C-contiguous).
+    count_in_place: bool = False,
+    checksum: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float, int | None]:
+    """One compiled pass over X: writes the labels and clamped best squared distances per
+    restart and row into ``labels`` and ``d1`` (each of shape (n_init, n)), and returns the
+    weighted sums, counts and loss, the changed labels, the weighted sum of the squared row
+    norms (``xsq``; computed in the pass when None), and a checksum of X's bytes (None unless
+    asked for and X is C-contiguous).
 
-    A row keeps its label for certain when its margin to the second-nearest mean is larger
-    than the distance the means moved (triangle inequality); only the other rows get their
-    previous label computed. Near convergence that is a handful of rows, so the count is
+    Changed labels are counted against ``previous`` means, or, with ``count_in_place``,
+    against the labels ``labels`` holds on entry; otherwise they are zero. Against
+    ``previous``, a row keeps its label for certain when its margin to the second-nearest mean
+    is larger than the distance the means moved (triangle inequality); only the other rows get
+    their previous label computed. Near convergence that is a handful of rows, so the count is
     exact at almost no cost.
     """
-    n, d = X.shape
+    d = X.shape[1]
     n_init, k, _ = centers.shape
     stacked, cn = _stack(centers, X.dtype)
-    labels = np.empty((n_init, n), dtype=np.int32)
-    d1 = np.empty((n_init, n), dtype=np.float64)
     sums = np.zeros((n_init, k, d), dtype=np.float64)
     counts = np.zeros((n_init, k), dtype=np.float64)
     loss = np.zeros(n_init, dtype=np.float64)
     changed = np.zeros(n_init, dtype=np.int64)
-    none = np.empty(0, dtype=np.float64)
+    sq_total = np.zeros(1, dtype=np.float64)
     if previous is None:
-        P2, pn, eps = np.empty((0, d), dtype=X.dtype), none, 0.0
-        pmax, shift, smax = none, np.empty((0, k)), none
+        P2, pn, eps = np.empty((0, d), dtype=X.dtype), _NONE, 0.0
+        pmax, shift, smax = _NONE, np.empty((0, k)), _NONE
     else:
         shift = np.sqrt(((centers - previous) ** 2).sum(axis=-1))  # (n_init, k)
         # rounding of a compared value: d fused multiply-adds, ||mu||^2 cast to X's dtype and
@@ -903,16 +947,35 @@ def _pass(
         pmax = pn.reshape(n_init, k).max(axis=1)
         smax = shift.max(axis=1)
     tile = _tile_rows(n_init * k, d, X.dtype.itemsize)
-    contiguous = X.flags.c_contiguous and X.size > 0
+    contiguous = checksum and X.flags.c_contiguous and X.size > 0
     word = np.uint64 if (d * X.dtype.itemsize) % 8 == 0 else np.uint32
     words = X.reshape(-1).view(word) if contiguous else np.empty(0, dtype=np.uint32)
     h = _fused_pass(
-        X, words, stacked * X.dtype.type(-2), cn, np.ascontiguousarray(xsq, dtype=np.float64),
-        none if w is None else np.ascontiguousarray(w, dtype=np.float64), k, tile,
-        labels, d1, sums, counts, loss, P2, pn, eps, pmax, shift, smax, changed,
+        X, words, stacked * X.dtype.type(-2), cn,
+        _NONE if xsq is None else np.ascontiguousarray(xsq, dtype=np.float64),
+        _NONE if w is None else w, k, tile, labels, d1, sums, counts, loss, sq_total,
+        P2, pn, eps, pmax, shift, smax, changed, count_in_place,
     )  # fmt: skip
     fingerprint = int(h) if contiguous else None
-    return labels, d1, sums, counts, loss, changed, fingerprint
+    return sums, counts, loss, changed, float(sq_total[0]), fingerprint
+
+
+def _scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A float64 buffer of the calling thread, reused from call to call (``name`` tells the
+    buffers apart).
+
+    A fresh buffer of a chunk's size costs more to fault in than the pass takes to fill it
+    where malloc returns every large block to the OS when it is freed, as in Dask's workers
+    (``MALLOC_TRIM_THRESHOLD_`` set): one 1.25M x 32 chunk's pass took 0.13 s there against
+    0.08 s with its buffers reused. A buffer stays with its thread: 8 bytes per row and
+    restart of the largest chunk the thread has seen.
+    """
+    size = math.prod(shape)
+    buf = getattr(_SCRATCH, name, None)
+    if buf is None or buf.size < size:
+        buf = np.empty(size, dtype=np.float64)
+        setattr(_SCRATCH, name, buf)
+    return buf[:size].reshape(shape)
 
 
 def chunk_stats(
@@ -924,6 +987,7 @@ def chunk_stats(
     previous: np.ndarray | None = None,
     offset: int = 0,
     n_far: int = 0,
+    remember: bool = True,
 ) -> ChunkStats:
     """Statistics of one chunk for ``n_init`` sets of means.
 
@@ -935,45 +999,47 @@ def chunk_stats(
     weights : ndarray of shape (n,), optional
         Sample weights; 1 for every row when omitted.
     xsq : ndarray of shape (n,), optional
-        Precomputed squared row norms (float64), kept between iterations when X is cached.
+        The squared row norms (``row_sq_norms``), kept between iterations when X is cached;
+        otherwise the pass computes them.
     previous : ndarray like ``centers``, optional
         The previous iteration's means, to count changed labels.
     offset : int
         Global index of the chunk's first row.
     n_far : int
         How many of the rows farthest from their mean to return per restart.
+    remember : bool
+        Keep X's labels to count changed labels at the next pass over the same array (see
+        ``_LabelMemo``). False for an array that will not be passed again (a chunk read for
+        this pass only): no checksum of its bytes is taken and nothing is kept.
     """
     n = X.shape[0]
-    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
-    if xsq is None:
-        xsq = row_sq_norms(X)
+    w = None if weights is None else np.ascontiguousarray(weights, dtype=np.float64)
     centers = np.asarray(centers)
-    w_arg = None if weights is None else w
-    remembered = None
+    d1 = _scratch("distances", (centers.shape[0], n))
     if previous is not None:
         previous = np.asarray(previous)
-        remembered = _LABELS.get(X, previous)
-    labels, d1, sums, counts, loss, changed, fingerprint = _pass(
-        X, centers, xsq, w_arg, previous if remembered is None else None
-    )
-    if remembered is not None and remembered[0] != fingerprint:
-        # X was modified in place since its labels were remembered: count the other way
-        remembered = None
-        labels, d1, sums, counts, loss, changed, fingerprint = _pass(
-            X, centers, xsq, w_arg, previous
+    remembered = None if previous is None or not remember else _LABELS.take(X, previous)
+    if remembered is None:
+        labels = np.empty((centers.shape[0], n), dtype=np.int32)
+        sums, counts, loss, changed, sq_total, fingerprint = _pass(
+            X, centers, xsq, w, labels, d1, previous, checksum=remember
         )
-    _LABELS.put(X, fingerprint, centers, labels)
+    else:
+        checksum, labels = remembered
+        sums, counts, loss, changed, sq_total, fingerprint = _pass(
+            X, centers, xsq, w, labels, d1, count_in_place=True
+        )
+        if fingerprint != checksum:
+            # X was modified in place since its labels were remembered: count the other way
+            sums, counts, loss, changed, sq_total, fingerprint = _pass(
+                X, centers, xsq, w, labels, d1, previous
+            )
+    if remember:
+        _LABELS.put(X, fingerprint, centers, labels)
     if previous is None:
         changed = np.full(centers.shape[0], -1, dtype=np.int64)
-    elif remembered is not None:
-        changed = np.array(
-            [np.count_nonzero(labels[r] != remembered[1][r]) for r in range(len(labels))],
-            dtype=np.int64,
-        )
-    far_dist, far_rows, far_index = _farthest(X, d1, w, offset, n_far, weights is not None)
-    return ChunkStats(
-        sums, counts, loss, changed, far_dist, far_rows, far_index, n, float(w @ xsq)
-    )
+    far_dist, far_rows, far_index = _farthest(X, d1, w, offset, n_far)
+    return ChunkStats(sums, counts, loss, changed, far_dist, far_rows, far_index, n, sq_total)
 
 
 class _LabelMemo:
@@ -983,23 +1049,30 @@ class _LabelMemo:
     A fit evaluates its means on the same (persisted) chunk arrays pass after pass, and each
     pass's ``previous`` means are the means the pass before evaluated: their labels for those
     rows were computed then. They are kept per array object (weakly: forgotten with the
-    array), with a checksum of its contents and the exact means they belong to; a lookup that
-    finds anything different (another array, modified rows, other means) falls back to the
-    bound-and-recompute path, which gives the same count. The cost is 4 bytes per row and
-    restart while the array lives; arrays whose labels would take more than an eighth of their
-    own size (few features, many restarts) are not remembered.
+    array), with a checksum of its contents and the exact means they belong to. A pass takes
+    them out, overwrites them with its own labels while counting the differences, and puts
+    them back, so no chunk-sized array is allocated per pass; a pass that finds anything
+    different (another array, other means), or a checksum that differs after its pass
+    (modified rows), falls back to the bound-and-recompute path, which gives the same count.
+    The cost is 4 bytes per row and restart while the array lives; arrays whose labels would
+    take more than an eighth of their own size (few features, many restarts) are not
+    remembered.
     """
 
     def __init__(self) -> None:
         # re-entrant: a weakref callback may run (garbage collection) while the lock is held
         self._lock = threading.RLock()
-        self._entries: dict[int, tuple[weakref.ref, int, dict[bytes, np.ndarray]]] = {}
+        self._entries: dict[int, tuple[weakref.ref, int, list[bytes], np.ndarray]] = {}
 
     def _forget(self, key: int, ref: weakref.ref) -> None:
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None and entry[0] is ref:
                 del self._entries[key]
+
+    @staticmethod
+    def _key(means: np.ndarray) -> bytes:
+        return np.ascontiguousarray(means, dtype=np.float64).tobytes()
 
     def put(self, X: np.ndarray, fingerprint: int | None, centers: np.ndarray,
             labels: np.ndarray) -> None:  # fmt: skip
@@ -1010,26 +1083,25 @@ class _LabelMemo:
             ref = weakref.ref(X, lambda r, key=key: self._forget(key, r))
         except TypeError:
             return
-        by_means = {
-            np.ascontiguousarray(c, dtype=np.float64).tobytes(): labels[r]
-            for r, c in enumerate(centers)
-        }
         with self._lock:
-            self._entries[key] = (ref, fingerprint, by_means)
+            self._entries[key] = (ref, fingerprint, [self._key(c) for c in centers], labels)
 
-    def get(self, X: np.ndarray, previous: np.ndarray) -> tuple[int, list[np.ndarray]] | None:
-        """The checksum X had and each restart's labels under ``previous``, or None unless all
-        are remembered. The caller compares the checksum with X's current one."""
+    def take(self, X: np.ndarray, previous: np.ndarray) -> tuple[int, np.ndarray] | None:
+        """Remove X's entry and return the checksum X had and its labels under each restart of
+        ``previous``, as one (n_init, n) array the caller may overwrite; None unless all are
+        remembered. The caller compares the checksum with X's current one."""
         with self._lock:
-            entry = self._entries.get(id(X))
+            entry = self._entries.pop(id(X), None)
         if entry is None or entry[0]() is not X:
             return None
-        found = [
-            entry[2].get(np.ascontiguousarray(p, dtype=np.float64).tobytes()) for p in previous
-        ]
-        if any(f is None or len(f) != len(X) for f in found):
+        _, fingerprint, keys, labels = entry
+        row_of = {key: r for r, key in enumerate(keys)}
+        rows = [row_of.get(self._key(p)) for p in previous]
+        if labels.shape[1] != len(X) or any(r is None for r in rows):
             return None
-        return entry[1], found
+        if rows == list(range(len(keys))):
+            return fingerprint, labels
+        return fingerprint, labels[rows]
 
 
 _LABELS = _LabelMemo()
@@ -1091,13 +1163,13 @@ def _top_rows(dist, w, has_w, m):  # pragma: no cover
 
 
 def _farthest(
-    X: np.ndarray, dist: np.ndarray, w: np.ndarray, offset: int, m: int, weighted: bool = True
+    X: np.ndarray, dist: np.ndarray, w: np.ndarray | None, offset: int, m: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The ``m`` rows of positive weight farthest from their mean, per restart.
+    """The ``m`` rows of positive weight (every row when ``w`` is None) farthest from their
+    mean, per restart.
 
     When those rows are unique (no tie at the cut-off) they are found with a bounded heap;
     otherwise by a partition, keeping the lowest-index rows among those tied at the cut-off.
-    ``weighted=False`` says every weight is positive.
     """
     n_init, n = dist.shape
     m = min(m, n)
@@ -1108,14 +1180,18 @@ def _farthest(
         return far_dist, far_rows, far_index
     positive = None
     for r in range(n_init):
-        ok, top = (False, None) if m == n else _top_rows(dist[r], w, weighted, m)
+        ok, top = (False, None) if m == n else _top_rows(dist[r], _NONE if w is None else w,
+                                                         w is not None, m)  # fmt: skip
         if ok:
             neg = -dist[r, top]  # minus the score of these rows
         else:
-            if positive is None:
-                positive = w > 0
             # minus the score (the distance, -inf for rows of no weight), formed in one pass
-            neg_all = np.where(positive, -dist[r], np.inf)
+            if w is None:
+                neg_all = -dist[r]
+            else:
+                if positive is None:
+                    positive = w > 0
+                neg_all = np.where(positive, -dist[r], np.inf)
             if m < n:
                 # all rows strictly beyond the cut-off, then the lowest-index rows tied at it
                 cut = np.partition(neg_all, m - 1)[m - 1]
@@ -1160,7 +1236,7 @@ def assign_labels(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Nearest mean (int32) and squared distance to it (float64) for each row, for one set of
     means of shape (k, d); ``xsq``: the rows' squared norms, when already known."""
-    if xsq is None:
-        xsq = row_sq_norms(X)
-    labels, d1, *_ = _pass(X, np.asarray(centers)[None], xsq, None)
+    labels = np.empty((1, X.shape[0]), dtype=np.int32)
+    d1 = np.empty((1, X.shape[0]), dtype=np.float64)
+    _pass(X, np.asarray(centers)[None], xsq, None, labels, d1, checksum=False)
     return labels[0], d1[0]

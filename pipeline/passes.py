@@ -285,7 +285,8 @@ def _read_chunk_stats_task(
 ) -> ChunkStats:
     X, weights = parquet_io.read_chunk(*spec)
     return kernel.chunk_stats(
-        X, centers, weights=weights, previous=previous, offset=offset, n_far=n_far
+        X, centers, weights=weights, previous=previous, offset=offset, n_far=n_far,
+        remember=False,  # X is this pass's only
     )
 
 

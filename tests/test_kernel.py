@@ -247,6 +247,32 @@ def test_changed_counts_rows_modified_in_place(dtype, change: str) -> None:
     assert first.changed[0] == -1
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_changed_from_remembered_labels_pass_after_pass(dtype) -> None:
+    """A fit's passes over one array: each pass counts against the labels the pass before
+    remembered, overwriting them in place (no new labels array), also when the restarts come
+    back reordered or fewer (their labels are then copied out)."""
+    rng = np.random.default_rng(14)
+    # 32 features: three restarts' labels (12 bytes a row) are worth remembering
+    X = np.ascontiguousarray(blobs(n=3000, d=32, k=5, seed=14, spread=2.0).astype(dtype))
+    means = [rng.uniform(-10, 10, size=(3, 5, 32)) for _ in range(4)]
+    steps = [(means[0], means[1]), (means[1], means[2])]
+    steps.append((means[2][[2, 0]], means[3][[2, 0]]))  # restart 1 finished, two swapped
+    X = np.ascontiguousarray(_far_from_ties(X, *(m for ms in means for m in ms)))
+    assert chunk_stats(X, means[0]).changed.tolist() == [-1, -1, -1]
+    held = kernel._LABELS._entries[id(X)][3]
+    for previous, centers in steps:
+        s = chunk_stats(X, centers, previous=previous)
+        expected = [_brute_changed(X, c, p) for c, p in zip(centers, previous, strict=True)]
+        assert min(expected) > 100
+        assert s.changed.tolist() == expected
+        if len(centers) == len(held):
+            assert kernel._LABELS._entries[id(X)][3] is held  # overwritten, not reallocated
+    np.testing.assert_array_equal(
+        kernel._LABELS._entries[id(X)][3], [_ref_distances(X, c).argmin(1) for c in steps[-1][1]]
+    )
+
+
 @pytest.mark.parametrize(
     ("dtype", "shift", "unit"),
     [(np.float64, 1e-7, 1e-8), (np.float32, 1e-2, 1e-3)],
