@@ -521,6 +521,41 @@ def test_columns_to_rows(d: int, m: int, dtype) -> None:
     assert np.isnan(out[0]).all() and np.isnan(out[-1]).all()  # nothing written outside
 
 
+@pytest.mark.parametrize("d, m", [(1, 1), (17, 300), (32, 65536 + 7), (37, 53)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_columns_to_rows_from_separate_columns(d: int, m: int, dtype) -> None:
+    """Columns in buffers of their own, as Arrow gives them, and the rows they fill."""
+    rng = np.random.default_rng(d + m)
+    columns = [rng.standard_normal(m + j % 3)[: m].astype(dtype) for j in range(d)]
+    out = np.empty((m, d), dtype=dtype)
+    assert kernel.columns_to_rows(columns, out, check_finite=True) is None
+    np.testing.assert_array_equal(out, np.column_stack(columns))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize(("row", "column"), [(0, 0), (300, 18), (260, 33), (517, 36)])
+def test_columns_to_rows_names_the_first_non_finite_column(dtype, bad, row, column) -> None:
+    # rows 512.. and columns 32.. are outside the whole 16 x 16 blocks
+    columns = [np.ones(520, dtype=dtype) for _ in range(37)]
+    columns[column][row] = bad
+    columns[-1][-1] = bad  # a later column too: the first one is named
+    out = np.empty((520, 37), dtype=dtype)
+    assert kernel.columns_to_rows(columns, out, check_finite=True) == column
+    assert kernel.columns_to_rows(columns, out) is None  # not asked to check
+
+
+def test_columns_to_rows_converts_other_types() -> None:
+    columns = [np.arange(5, dtype=np.float64), np.arange(5, dtype=np.int64)]
+    out = np.empty((5, 2), dtype=np.float32)
+    assert kernel.columns_to_rows(columns, out, check_finite=True) is None
+    np.testing.assert_array_equal(out, np.column_stack([np.arange(5)] * 2))
+    columns[0][2] = np.inf
+    assert kernel.columns_to_rows(columns, out, check_finite=True) == 0
+
+
 def test_columns_to_rows_refuses_other_shapes() -> None:
     with pytest.raises(ValueError, match=r"out has shape \(4, 3\); expected \(5, 3\)\."):
         kernel.columns_to_rows(np.zeros((3, 5), np.float32), np.zeros((4, 3), np.float32))
+    with pytest.raises(ValueError, match=r"columns should be 1-D arrays of one length"):
+        kernel.columns_to_rows([np.zeros(3), np.zeros(4)], np.zeros((3, 2)))
