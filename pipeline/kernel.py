@@ -485,6 +485,21 @@ def _shuffle_transpose16(builder, rows):  # type: ignore[no-untyped-def]
         h //= 2
 
 
+def _transpose16_codegen(context, builder, sources, oty, out, i0, j):  # type: ignore[no-untyped-def]
+    """Load 16 float32 vectors from the pointers ``sources``, transpose them, and store vector
+    ``i`` at ``out[i0 + i, j:j + 16]``."""
+    vp = _f32x16.llvm.as_pointer()
+    rows = [builder.load(builder.bitcast(ptr, vp), align=4) for ptr in sources]
+    _shuffle_transpose16(builder, rows)
+    o = context.make_array(oty)(context, builder, out)
+    one = ir.Constant(i0.type, 1)
+    for i in range(16):
+        ptr = cgutils.get_item_pointer(context, builder, oty, o, [i0, j])
+        builder.store(rows[i], builder.bitcast(ptr, vp), align=4)
+        i0 = builder.add(i0, one)
+    return context.get_dummy_value()
+
+
 def _column_pointer(context, builder, aty, addrs, j, r):  # type: ignore[no-untyped-def]
     """``float*`` to row ``r`` of the float32 column whose address is ``addrs[j]``."""
     a = context.make_array(aty)(context, builder, addrs)
@@ -501,22 +516,12 @@ def _gather16(typingctx, addrs, j0, r0, out, o0):  # type: ignore[no-untyped-def
     def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
         aty, _, _, oty, _ = sig.args
         addrs_, j0_, r0_, out_, o0_ = args
-        vp = _f32x16.llvm.as_pointer()
         one = ir.Constant(j0_.type, 1)
-        rows = []
-        j = j0_
+        sources, j = [], j0_
         for _ in range(16):
-            ptr = _column_pointer(context, builder, aty, addrs_, j, r0_)
-            rows.append(builder.load(builder.bitcast(ptr, vp), align=4))
+            sources.append(_column_pointer(context, builder, aty, addrs_, j, r0_))
             j = builder.add(j, one)
-        _shuffle_transpose16(builder, rows)
-        o = context.make_array(oty)(context, builder, out_)
-        r = o0_
-        for i in range(16):
-            ptr = cgutils.get_item_pointer(context, builder, oty, o, [r, j0_])
-            builder.store(rows[i], builder.bitcast(ptr, vp), align=4)
-            r = builder.add(r, one)
-        return context.get_dummy_value()
+        return _transpose16_codegen(context, builder, sources, oty, out_, o0_, j0_)
 
     return types.void(addrs, types.intp, types.intp, out, types.intp), codegen
 
@@ -539,22 +544,12 @@ def _transpose16(typingctx, X, r0, c0, XT, t0):  # type: ignore[no-untyped-def]
         xty, _, _, tty, _ = sig.args
         X_, r0_, c0_, XT_, t0_ = args
         x = context.make_array(xty)(context, builder, X_)
-        xt = context.make_array(tty)(context, builder, XT_)
-        vp = _f32x16.llvm.as_pointer()
         one = ir.Constant(r0_.type, 1)
-        rows = []
-        r = r0_
+        sources, r = [], r0_
         for _ in range(16):
-            ptr = cgutils.get_item_pointer(context, builder, xty, x, [r, c0_])
-            rows.append(builder.load(builder.bitcast(ptr, vp), align=4))
+            sources.append(cgutils.get_item_pointer(context, builder, xty, x, [r, c0_]))
             r = builder.add(r, one)
-        _shuffle_transpose16(builder, rows)
-        c = c0_
-        for i in range(16):
-            ptr = cgutils.get_item_pointer(context, builder, tty, xt, [c, t0_])
-            builder.store(rows[i], builder.bitcast(ptr, vp), align=4)
-            c = builder.add(c, one)
-        return context.get_dummy_value()
+        return _transpose16_codegen(context, builder, sources, tty, XT_, c0_, t0_)
 
     return types.void(X, types.intp, types.intp, XT, types.intp), codegen
 
