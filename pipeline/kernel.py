@@ -30,7 +30,6 @@ are skipped and the others get their previous label recomputed.
 
 from __future__ import annotations
 
-import math
 import threading
 import weakref
 from collections.abc import Sequence
@@ -1055,22 +1054,20 @@ def _pass(
     return sums, counts, loss, changed, float(sq_total[0]), fingerprint
 
 
-def _scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A float64 buffer of the calling thread, reused from call to call (``name`` tells the
-    buffers apart).
+def _scratch_distances(n_init: int, n: int) -> np.ndarray:
+    """An (n_init, n) float64 buffer of the calling thread, reused from call to call.
 
     A fresh buffer of a chunk's size costs more to fault in than the pass takes to fill it
     where malloc returns every large block to the OS when it is freed, as in Dask's workers
     (``MALLOC_TRIM_THRESHOLD_`` set): one 1.25M x 32 chunk's pass took 0.13 s there against
-    0.08 s with its buffers reused. A buffer stays with its thread: 8 bytes per row and
+    0.08 s with its buffers reused. The buffer stays with its thread: 8 bytes per row and
     restart of the largest chunk the thread has seen.
     """
-    size = math.prod(shape)
-    buf = getattr(_SCRATCH, name, None)
-    if buf is None or buf.size < size:
-        buf = np.empty(size, dtype=np.float64)
-        setattr(_SCRATCH, name, buf)
-    return buf[:size].reshape(shape)
+    buf = getattr(_SCRATCH, "distances", None)
+    if buf is None or buf.size < n_init * n:
+        buf = np.empty(n_init * n, dtype=np.float64)
+        _SCRATCH.distances = buf
+    return buf[: n_init * n].reshape(n_init, n)
 
 
 def chunk_stats(
@@ -1110,7 +1107,7 @@ def chunk_stats(
     n = X.shape[0]
     w = None if weights is None else np.ascontiguousarray(weights, dtype=np.float64)
     centers = np.asarray(centers)
-    d1 = _scratch("distances", (centers.shape[0], n))
+    d1 = _scratch_distances(centers.shape[0], n)
     if previous is not None:
         previous = np.asarray(previous)
     remembered = None if previous is None or not remember else _LABELS.take(X, previous)
