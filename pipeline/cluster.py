@@ -338,7 +338,8 @@ def _rss_with_engine_loaded() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-#: Share of a worker's memory limit that tasks may fill; Dask pauses a worker at 80%.
+#: Share of a worker's memory limit that tasks may fill: room under the restart at 95% for
+#: what the allocators keep after a task and for a task's temporaries.
 _USABLE_FRACTION = 0.7
 
 
@@ -364,10 +365,14 @@ def worker_memory_per_thread(client: distributed.Client) -> int:
 #: so spilled chunks would only be a slower copy of the Parquet files, and streamed chunks
 #: are read again anyway; data that does not fit is streamed instead of persisted
 #: (``passes.choose_cache``) and tasks are sized to the headroom
-#: (:func:`worker_memory_per_thread`). Pausing (80%) and restarting (95%) stay as the guards.
+#: (:func:`worker_memory_per_thread`). Never pause either: pausing waits for spilling to free
+#: memory, so without it a worker whose allocators keep freed pages past 80% of its limit stays
+#: paused forever and the fit hangs (dask/distributed#5999; seen once in a streamed bench run).
+#: The restart at 95%, with the tasks' retries, stays as the guard.
 _WORKER_MEMORY_CONFIG = {
     "distributed.worker.memory.target": False,
     "distributed.worker.memory.spill": False,
+    "distributed.worker.memory.pause": False,
 }
 
 

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 
 import distributed
+import numpy as np
 import pytest
 
 from pipeline.cluster import (
@@ -79,6 +80,41 @@ def test_local_cluster_workers_get_single_blas_thread(local_run) -> None:
     expected = {name: value if value is not None else "1" for name, value in env_before.items()}
     per_worker = client.run(_blas_env)
     assert list(per_worker.values()) == [expected, expected]
+
+
+def _hold_unmanaged_memory(fraction: float, dask_worker) -> float:  # type: ignore[no-untyped-def]
+    """Grow the worker's unmanaged memory to ``fraction`` of its limit, as memory that the
+    allocators keep after a task does; returns the fraction reached."""
+    import psutil
+
+    process = psutil.Process()
+    missing = int(fraction * dask_worker.memory_manager.memory_limit) - process.memory_info().rss
+    dask_worker._test_ballast = np.ones(max(missing, 0), dtype=np.uint8)
+    return process.memory_info().rss / dask_worker.memory_manager.memory_limit
+
+
+def _drop_ballast(dask_worker) -> None:  # type: ignore[no-untyped-def]
+    vars(dask_worker).pop("_test_ballast", None)
+
+
+def _status(dask_worker) -> str:  # type: ignore[no-untyped-def]
+    return str(dask_worker.status)
+
+
+def test_local_cluster_workers_run_tasks_past_the_pause_threshold(local_run) -> None:
+    # Dask pauses a worker at 80% of its limit until spilling frees memory; with spilling off
+    # nothing does, and a paused worker would hold its tasks forever (the fit would hang).
+    client, _ = local_run
+    address = min(client.scheduler_info()["workers"])
+    try:
+        reached = client.run(_hold_unmanaged_memory, 0.87, workers=[address])[address]
+        assert 0.8 < reached < 0.95
+        time.sleep(1.0)  # several rounds of the workers' memory monitor (every 100 ms)
+        future = client.submit(sum, [1, 2, 3], workers=[address], pure=False)
+        assert future.result(timeout=30) == 6
+        assert client.run(_status, workers=[address])[address] == "Status.running"
+    finally:
+        client.run(_drop_ballast, workers=[address])
 
 
 def test_local_cluster_default_spec() -> None:

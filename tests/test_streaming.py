@@ -7,8 +7,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import threading
-import time
 from pathlib import Path
 
 import cloudpickle
@@ -45,10 +43,6 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 LIMIT = "500MB"  # per worker; a worker with the engine loaded takes about 260 MiB of it
 
 
-def _status(dask_worker) -> str:  # type: ignore[no-untyped-def]
-    return str(dask_worker.status)
-
-
 def test_streamed_fit_in_bounded_memory_matches_in_memory_fit(tmp_path: Path) -> None:
     # 4.2M x 32 float32 = 538 MB: more than half the workers' 1000 MB, so 'auto' streams it,
     # and several times the room the workers have for data next to their baseline
@@ -71,33 +65,19 @@ def test_streamed_fit_in_bounded_memory_matches_in_memory_fit(tmp_path: Path) ->
         assert not persist and data.streamed
         assert data.nbytes > 3 * 2 * per_thread  # several times what the workers have room for
 
-        statuses: set[str] = set()
-        stop = threading.Event()
-
-        def watch() -> None:
-            while not stop.is_set():
-                statuses.update(client.run(_status).values())
-                time.sleep(0.2)
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        try:
-            streamed = fit_means(
-                data, FitState.start(init.copy()), max_iter=steps, tol=0.0,
-                step=make_step_rule("newton"),
-            )  # fmt: skip
-            final = label_files(planned, streamed.centers, str(tmp_path / "labels"))
-        finally:
-            stop.set()
-            watcher.join()
+        streamed = fit_means(
+            data, FitState.start(init.copy()), max_iter=steps, tol=0.0,
+            step=make_step_rule("newton"),
+        )  # fmt: skip
+        final = label_files(planned, streamed.centers, str(tmp_path / "labels"))
         peaks = workers_peak_memory(client)
         assert sorted(client.scheduler_info()["workers"]) == workers  # no worker restarted
         spilled = client.run(lambda dask_worker: len(getattr(dask_worker.data, "slow", ())))
 
-    assert statuses == {"Status.running"}  # never paused
     assert set(spilled.values()) == {0}
     for address, peak in peaks.items():
-        assert peak < total / 2, f"worker {address} peaked at {peak / 2**20:.0f} MiB"
+        # under where Dask would pause a worker (80%), let alone restart it (95%)
+        assert peak < 0.8 * total / 2, f"worker {address} peaked at {peak / 2**20:.0f} MiB"
     assert final.n_rows == dataset.n_rows
     labelled = pq.ParquetFile(tmp_path / "labels" / "part-00000.parquet")
     assert labelled.schema_arrow.names == ["id", "cluster", "distance"]
