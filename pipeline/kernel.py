@@ -606,6 +606,19 @@ def _fold32(p, q, c, j, st, want_second):  # pragma: no cover
 def _tile_nearest32(
     XT, b, S2, cn, base, k, best, second, arg, want_second, X, pf_lo, pf_hi
 ):  # pragma: no cover
+    """``_tile_nearest32_body`` compiled twice, with and without the second-best value: as a
+    runtime flag LLVM kept computing it and discarding it by a select, two compares and three
+    selects more per 16 rows and mean, 6% of a pass at k=64, d=32."""
+    if want_second:
+        _tile_nearest32_body(XT, b, S2, cn, base, k, best, second, arg, True, X, pf_lo, pf_hi)
+    else:
+        _tile_nearest32_body(XT, b, S2, cn, base, k, best, second, arg, False, X, pf_lo, pf_hi)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _tile_nearest32_body(
+    XT, b, S2, cn, base, k, best, second, arg, want_second, X, pf_lo, pf_hi
+):  # pragma: no cover
     """``_tile_nearest`` for float32, 32 rows at a time (XT zero-padded to whole blocks):
     the products of 32 rows with 8 means (then one at a time for the last ``k % 8``)
     accumulate in registers over all features, then fold into the rows' best, second-best
