@@ -606,9 +606,10 @@ def _fold32(p, q, c, j, st, want_second):  # pragma: no cover
 def _tile_nearest32(
     XT, b, S2, cn, base, k, best, second, arg, want_second, X, pf_lo, pf_hi
 ):  # pragma: no cover
-    """``_tile_nearest32_body`` compiled twice, with and without the second-best value: as a
-    runtime flag LLVM kept computing it and discarding it by a select, two compares and three
-    selects more per 16 rows and mean, 6% of a pass at k=64, d=32."""
+    """``_tile_nearest32_body`` compiled twice, with and without the second-best value: with
+    ``want_second`` a runtime flag, LLVM computed the second-best on every pass (a max and a
+    min more per 16 rows and mean: 6 vector operations beside the d multiply-adds instead of
+    4), which cost 3.5-4% of a pass at k=64, d=32."""
     if want_second:
         _tile_nearest32_body(XT, b, S2, cn, base, k, best, second, arg, True, X, pf_lo, pf_hi)
     else:
