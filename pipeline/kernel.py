@@ -51,6 +51,7 @@ __all__ = [
     "columns_to_rows",
     "combine_stats",
     "row_sq_norms",
+    "thread_buffer",
 ]
 
 #: Bytes of one block's working set (rows of X plus their distances); about half of a
@@ -1068,20 +1069,23 @@ def _pass(
     return sums, counts, loss, changed, float(sq_total[0]), fingerprint
 
 
-def _scratch_distances(n_init: int, n: int) -> np.ndarray:
-    """An (n_init, n) float64 buffer of the calling thread, reused from call to call.
+def thread_buffer(purpose: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised C-contiguous array of the calling thread, reused from call to call:
+    valid until the same thread asks again for the same ``purpose``.
 
-    A fresh buffer of a chunk's size costs more to fault in than the pass takes to fill it
-    where malloc returns every large block to the OS when it is freed, as in Dask's workers
+    A fresh chunk-sized array costs more to fault in than a pass takes to fill it where
+    malloc returns every large block to the OS when it is freed, as in Dask's workers
     (``MALLOC_TRIM_THRESHOLD_`` set): one 1.25M x 32 chunk's pass took 0.13 s there against
-    0.08 s with its buffers reused. The buffer stays with its thread: 8 bytes per row and
-    restart of the largest chunk the thread has seen.
+    0.08 s with its buffers reused. Each thread keeps, per purpose, the largest buffer it has
+    been asked for.
     """
-    buf = getattr(_SCRATCH, "distances", None)
-    if buf is None or buf.size < n_init * n:
-        buf = np.empty(n_init * n, dtype=np.float64)
-        _SCRATCH.distances = buf
-    return buf[: n_init * n].reshape(n_init, n)
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    buf = getattr(_SCRATCH, purpose, None)
+    if buf is None or buf.size < nbytes:
+        buf = np.empty(nbytes, dtype=np.uint8)
+        setattr(_SCRATCH, purpose, buf)
+    return buf[:nbytes].view(dtype).reshape(shape)
 
 
 def chunk_stats(
@@ -1121,12 +1125,14 @@ def chunk_stats(
     n = X.shape[0]
     w = None if weights is None else np.ascontiguousarray(weights, dtype=np.float64)
     centers = np.asarray(centers)
-    d1 = _scratch_distances(centers.shape[0], n)
+    d1 = thread_buffer("distances", (centers.shape[0], n), np.float64)
     if previous is not None:
         previous = np.asarray(previous)
     remembered = None if previous is None or not remember else _LABELS.take(X, previous)
     if remembered is None:
-        labels = np.empty((centers.shape[0], n), dtype=np.int32)
+        shape = (centers.shape[0], n)
+        # kept by the memo, or used for this pass only
+        labels = np.empty(shape, np.int32) if remember else thread_buffer("labels", shape, np.int32)
         sums, counts, loss, changed, sq_total, fingerprint = _pass(
             X, centers, xsq, w, labels, d1, previous, checksum=remember
         )

@@ -469,6 +469,7 @@ def read_chunk(
     dtype: str | np.dtype[Any] = "float32",
     *,
     passthrough: bool = False,
+    out: np.ndarray | None = None,
 ) -> Any:
     """Read one chunk: its features (rows x features) and, if any, its sample weights.
 
@@ -477,7 +478,8 @@ def read_chunk(
     as one table and converting it would hold it twice or three times).
 
     With ``passthrough=True`` also return the chunk's non-feature columns as an Arrow table
-    (read in the same calls), for the label writer.
+    (read in the same calls), for the label writer. ``out``, a C-contiguous (rows x features)
+    array of ``dtype``, is filled and returned instead of a new matrix.
 
     Returns
     -------
@@ -495,7 +497,15 @@ def read_chunk(
         columns += [n for n in dataset.passthrough_columns if n not in columns]
     elif dataset.weight_column is not None:
         columns.append(dataset.weight_column)
-    X = np.empty((chunk.n_rows, dataset.n_features), dtype=dtype)
+    shape = (chunk.n_rows, dataset.n_features)
+    if out is None:
+        X = np.empty(shape, dtype=dtype)
+    elif out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(
+            f"out should be a C-contiguous {shape} array of {dtype}, got {out.shape} {out.dtype}."
+        )
+    else:
+        X = out
     weights = [] if dataset.weight_column is not None else None
     kept = []
     start = 0

@@ -283,7 +283,11 @@ def _read_chunk_stats_task(
     offset: int,
     n_far: int,
 ) -> ChunkStats:
-    X, weights = parquet_io.read_chunk(*spec)
+    dataset, chunk, dtype = spec
+    # the rows are needed for this pass only: read into the thread's buffer, which the next
+    # chunk reuses rather than faulting in a new chunk-sized array
+    rows = kernel.thread_buffer("rows", (chunk.n_rows, dataset.n_features), dtype)
+    X, weights = parquet_io.read_chunk(dataset, chunk, dtype, out=rows)
     return kernel.chunk_stats(
         X, centers, weights=weights, previous=previous, offset=offset, n_far=n_far,
         remember=False,  # X is this pass's only

@@ -559,3 +559,41 @@ def test_columns_to_rows_refuses_other_shapes() -> None:
         kernel.columns_to_rows(np.zeros((3, 5), np.float32), np.zeros((4, 3), np.float32))
     with pytest.raises(ValueError, match=r"columns should be 1-D arrays of one length"):
         kernel.columns_to_rows([np.zeros(3), np.zeros(4)], np.zeros((3, 2)))
+
+
+def test_thread_buffer_is_reused_per_thread_and_purpose() -> None:
+    import threading
+
+    a = kernel.thread_buffer("test-a", (100, 4), np.float32)
+    assert a.shape == (100, 4) and a.dtype == np.float32 and a.flags.c_contiguous
+    a[:] = 1.0
+    smaller = kernel.thread_buffer("test-a", (10, 3), np.float64)  # the same memory, retyped
+    assert np.shares_memory(a, smaller) and smaller.shape == (10, 3)
+    assert not np.shares_memory(a, kernel.thread_buffer("test-b", (100, 4), np.float32))
+    larger = kernel.thread_buffer("test-a", (1000, 4), np.float32)  # outgrows it: a new one
+    assert not np.shares_memory(a, larger)
+    assert np.shares_memory(larger, kernel.thread_buffer("test-a", (1000, 4), np.float32))
+    other: list[np.ndarray] = []
+    thread = threading.Thread(
+        target=lambda: other.append(kernel.thread_buffer("test-a", (1000, 4), np.float32))
+    )
+    thread.start()
+    thread.join()
+    assert not np.shares_memory(larger, other[0])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_streamed_passes_in_a_row_do_not_mix(dtype) -> None:
+    # passes over arrays read for one pass only reuse the thread's buffers (distances,
+    # labels): each result equals that of a pass in a fresh thread
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(5)
+    chunks = [blobs(n, 6, 4, seed=s).astype(dtype) for n, s in ((900, 1), (700, 2), (900, 3))]
+    centers = rng.standard_normal((2, 5, 6))
+    streamed = [chunk_stats(X, centers, n_far=7, remember=False) for X in chunks]
+    for X, got in zip(chunks, streamed, strict=True):
+        with ThreadPoolExecutor(1) as pool:  # a new thread
+            fresh = pool.submit(chunk_stats, X, centers, n_far=7, remember=False).result()
+        for name in ("sums", "counts", "loss", "far_dist", "far_rows", "far_index"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(fresh, name), err_msg=name)

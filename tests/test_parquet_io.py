@@ -231,6 +231,27 @@ def test_read_chunk(tmp_path: Path) -> None:
     assert passthrough.column_names == ["id", "name", "flag"]
     assert passthrough.to_pydict() == table.select(["id", "name", "flag"]).slice(16, 16).to_pydict()
 
+    # into a given array: that array, filled
+    out = np.full((16, 4), np.nan, dtype=np.float32)
+    X_out, _ = read_chunk(ds, chunk, out=out)
+    assert X_out is out
+    np.testing.assert_array_equal(out, expected.astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    "out",
+    [
+        np.empty((15, 4), dtype=np.float32),
+        np.empty((16, 4), dtype=np.float64),
+        np.empty((4, 16), dtype=np.float32).T,
+    ],
+)
+def test_read_chunk_refuses_an_unfit_out(tmp_path: Path, out: np.ndarray) -> None:
+    pq.write_table(_mixed_table(40), tmp_path / "m.parquet", row_group_size=8)
+    ds = open_parquet(tmp_path / "m.parquet", id_column="id", chunk_bytes=4 * 4 * 16)
+    with pytest.raises(ValueError, match=r"out should be a C-contiguous \(16, 4\) array of float32"):
+        read_chunk(ds, ds.chunks[0], out=out)
+
 
 # --------------------------------------------------------------------------------------------
 # input errors
