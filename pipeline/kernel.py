@@ -50,6 +50,7 @@ __all__ = [
     "chunk_stats",
     "columns_to_rows",
     "combine_stats",
+    "release_thread_buffers",
     "row_sq_norms",
     "thread_buffer",
 ]
@@ -1086,6 +1087,12 @@ def thread_buffer(purpose: str, shape: tuple[int, ...], dtype: Any) -> np.ndarra
         buf = np.empty(nbytes, dtype=np.uint8)
         setattr(_SCRATCH, purpose, buf)
     return buf[:nbytes].view(dtype).reshape(shape)
+
+
+def release_thread_buffers() -> None:
+    """Free the calling thread's :func:`thread_buffer` buffers (they are made again when next
+    asked for): for a task that does not use them and would add its own memory to theirs."""
+    vars(_SCRATCH).clear()
 
 
 def chunk_stats(

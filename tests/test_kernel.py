@@ -580,6 +580,8 @@ def test_thread_buffer_is_reused_per_thread_and_purpose() -> None:
     thread.start()
     thread.join()
     assert not np.shares_memory(larger, other[0])
+    kernel.release_thread_buffers()  # the next ask makes a new one
+    assert not np.shares_memory(larger, kernel.thread_buffer("test-a", (1000, 4), np.float32))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
