@@ -22,7 +22,7 @@ import numpy as np
 
 from . import optimizer
 from .kernel import ChunkStats
-from .passes import DaskData, stats_pass
+from .passes import DaskData, release_buffers, stats_pass
 
 if TYPE_CHECKING:
     from .minibatch import MinibatchResult
@@ -254,6 +254,7 @@ def fit_means(
             record["seconds"] = seconds
         if on_iteration is not None:
             on_iteration(IterationReport(state.iteration, seconds, records, notes, state))
+    release_buffers()
     return _result(state)
 
 

@@ -1003,7 +1003,21 @@ def row_sq_norms(X: np.ndarray) -> np.ndarray:
 
 #: An empty float64 array: "no weights", "no previous means" for the compiled pass.
 _NONE = np.empty(0, dtype=np.float64)
-_SCRATCH = threading.local()
+
+
+class _ThreadBuffers:
+    """One thread's buffers, by purpose (an object, so that it can be held weakly)."""
+
+    __slots__ = ("__weakref__", "by_purpose")
+
+    def __init__(self) -> None:
+        self.by_purpose: dict[str, np.ndarray] = {}
+
+
+_THREAD = threading.local()
+#: Every live thread's buffers, so that they can all be freed from any thread.
+_ALL_BUFFERS: weakref.WeakSet[_ThreadBuffers] = weakref.WeakSet()
+_ALL_BUFFERS_LOCK = threading.Lock()
 
 
 def _stack(centers: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -1082,17 +1096,26 @@ def thread_buffer(purpose: str, shape: tuple[int, ...], dtype: Any) -> np.ndarra
     """
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape)) * dtype.itemsize
-    buf = getattr(_SCRATCH, purpose, None)
+    mine = getattr(_THREAD, "buffers", None)
+    if mine is None:
+        mine = _THREAD.buffers = _ThreadBuffers()
+        with _ALL_BUFFERS_LOCK:
+            _ALL_BUFFERS.add(mine)
+    buf = mine.by_purpose.get(purpose)
     if buf is None or buf.size < nbytes:
-        buf = np.empty(nbytes, dtype=np.uint8)
-        setattr(_SCRATCH, purpose, buf)
+        mine.by_purpose[purpose] = buf = np.empty(nbytes, dtype=np.uint8)
     return buf[:nbytes].view(dtype).reshape(shape)
 
 
 def release_thread_buffers() -> None:
-    """Free the calling thread's :func:`thread_buffer` buffers (they are made again when next
-    asked for): for a task that does not use them and would add its own memory to theirs."""
-    vars(_SCRATCH).clear()
+    """Free every thread's :func:`thread_buffer` buffers (made again when next asked for), so
+    that a process that has finished its passes goes back to its baseline: a long-lived
+    worker would otherwise keep up to a chunk per thread. An array handed out before stays
+    valid while its caller holds it."""
+    with _ALL_BUFFERS_LOCK:
+        every = list(_ALL_BUFFERS)
+    for buffers in every:
+        buffers.by_purpose.clear()
 
 
 def chunk_stats(

@@ -36,7 +36,7 @@ from dask.delayed import delayed
 
 from . import kernel, optimizer
 from .kernel import ChunkStats
-from .passes import RETRIES, DaskData, stats_pass, tree_reduce
+from .passes import RETRIES, DaskData, release_buffers, stats_pass, tree_reduce
 
 __all__ = [
     "MINIBATCH_STOP_REASONS",
@@ -246,6 +246,7 @@ def fit_minibatch(
             all_notes.append(
                 f"centres {empty.tolist()} have no rows in the full data; kept where they are."
             )
+    release_buffers()
     return MinibatchResult(
         centers=centers,
         inertia=inertia,

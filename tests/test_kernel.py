@@ -583,6 +583,23 @@ def test_thread_buffer_is_reused_per_thread_and_purpose() -> None:
     kernel.release_thread_buffers()  # the next ask makes a new one
     assert not np.shares_memory(larger, kernel.thread_buffer("test-a", (1000, 4), np.float32))
 
+    # released from another thread: a live thread gets a new buffer after it
+    asked, released, same = threading.Event(), threading.Event(), []
+
+    def hold() -> None:
+        first = kernel.thread_buffer("test-c", (64,), np.float64)
+        asked.set()
+        released.wait()
+        same.append(np.shares_memory(first, kernel.thread_buffer("test-c", (64,), np.float64)))
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    asked.wait()
+    kernel.release_thread_buffers()
+    released.set()
+    thread.join()
+    assert same == [False]
+
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_streamed_passes_in_a_row_do_not_mix(dtype) -> None:

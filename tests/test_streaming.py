@@ -43,6 +43,12 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 LIMIT = "500MB"  # per worker; a worker with the engine loaded takes about 260 MiB of it
 
 
+def _buffered_bytes() -> int:
+    from pipeline import kernel
+
+    return sum(b.nbytes for buffers in kernel._ALL_BUFFERS for b in buffers.by_purpose.values())
+
+
 def test_streamed_fit_in_bounded_memory_matches_in_memory_fit(tmp_path: Path) -> None:
     # 4.2M x 32 float32 = 538 MB: more than half the workers' 1000 MB, so 'auto' streams it,
     # and several times the room the workers have for data next to their baseline
@@ -69,6 +75,8 @@ def test_streamed_fit_in_bounded_memory_matches_in_memory_fit(tmp_path: Path) ->
             data, FitState.start(init.copy()), max_iter=steps, tol=0.0,
             step=make_step_rule("newton"),
         )  # fmt: skip
+        # the fit's end freed the workers' per-thread chunk buffers
+        assert set(client.run(_buffered_bytes).values()) == {0}
         final = label_files(planned, streamed.centers, str(tmp_path / "labels"))
         peaks = workers_peak_memory(client)
         assert sorted(client.scheduler_info()["workers"]) == workers  # no worker restarted
