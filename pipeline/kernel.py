@@ -813,10 +813,14 @@ def _add_row_impl(row, x, wi, has_w):  # type: ignore[no-untyped-def]
 @numba.njit(nogil=True, cache=True)
 def _fused_pass(
     X, words, S2, cn, xsq, w, k, tile, labels, d1, sums, counts, loss, sq_total,
-    P2, pn, eps, pmax, shift, smax, changed, count_in_place,
+    P2, pn, eps, pmax, shift, smax, changed, count_in_place, top, top_index, top_size, top_out,
 ):  # pragma: no cover
     """The whole pass over X, tile by tile; returns the checksum of ``words`` (X's bytes as
     32- or 64-bit words, or empty), taken while each tile is in cache (see ``_LabelMemo``).
+
+    Each restart's rows of positive weight are offered, with their distance, to a bounded
+    min-heap of the farthest (``top``, ``top_index``, ``top_size``; width 0: none), and
+    ``top_out`` gets the largest distance left out of it (see ``_offer``).
 
     ``S2`` is ``-2`` times all restarts' means stacked (n_init*k, d) in X's dtype, ``cn`` their
     squared norms. Writes labels and clamped best distances per restart and row, and adds to
@@ -849,6 +853,7 @@ def _fused_pass(
     n_unsure = np.zeros(n_init, dtype=np.int64)
     xt = np.empty(tile)
     has_xsq = xsq.shape[0] > 0
+    m_top = top.shape[1]
     per_row = words.shape[0] // n if n > 0 else 0
     h = np.uint64(0)
     for start in range(0, n, tile):
@@ -871,6 +876,18 @@ def _fused_pass(
             loss[r], ch = _accumulate(X, start, b, xt, w, has_w, best[r], arg[r], labels[r],
                                       d1[r], sums[r], counts[r], loss[r], count_in_place)  # fmt: skip
             changed[r] += ch
+        for r in range(n_init if m_top > 0 else 0):
+            heap = top[r]
+            for ii in range(b):
+                i = start + ii
+                v = d1[r, i]
+                if has_w and not w[i] > 0:
+                    continue
+                if top_size[r] == m_top and not v > heap[0]:
+                    # the common case once the heap is full: left out
+                    top_out[r] = max(top_out[r], v)
+                else:
+                    _offer(heap, top_index[r], top_size, top_out, r, v, i)
         n_unsure[:] = 0
         if check:
             for ii in range(b):
@@ -1036,12 +1053,17 @@ def _pass(
     previous: np.ndarray | None = None,
     count_in_place: bool = False,
     checksum: bool = True,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float, int | None]:
+    n_far: int = 0,
+) -> tuple[
+    np.ndarray, np.ndarray, np.ndarray, np.ndarray, float, int | None,
+    tuple[np.ndarray, np.ndarray] | None,
+]:  # fmt: skip
     """One compiled pass over X: writes the labels and clamped best squared distances per
     restart and row into ``labels`` and ``d1`` (each of shape (n_init, n)), and returns the
     weighted sums, counts and loss, the changed labels, the weighted sum of the squared row
-    norms (``xsq``; computed in the pass when None), and a checksum of X's bytes (None unless
-    asked for and X is C-contiguous).
+    norms (``xsq``; computed in the pass when None), a checksum of X's bytes (None unless
+    asked for and X is C-contiguous), and the ``n_far`` farthest rows the pass found, for
+    ``_farthest`` (None when ``n_far`` is 0 or not less than the rows).
 
     Changed labels are counted against ``previous`` means, or, with ``count_in_place``,
     against the labels ``labels`` holds on entry; otherwise they are zero. Against
@@ -1074,14 +1096,27 @@ def _pass(
     contiguous = checksum and X.flags.c_contiguous and X.size > 0
     word = np.uint64 if (d * X.dtype.itemsize) % 8 == 0 else np.uint32
     words = X.reshape(-1).view(word) if contiguous else np.empty(0, dtype=np.uint32)
+    # the farthest rows are picked by a heap as the pass goes (a second pass over the
+    # distances took 5% of the pass); with m >= n every row is one of them
+    m = n_far if 0 < n_far < X.shape[0] else 0
+    top = np.empty((n_init, m))
+    top_index = np.empty((n_init, m), dtype=np.int64)
+    top_size = np.zeros(n_init, dtype=np.int64)
+    top_out = np.full(n_init, -np.inf)
     h = _fused_pass(
         X, words, stacked * X.dtype.type(-2), cn,
         _NONE if xsq is None else np.ascontiguousarray(xsq, dtype=np.float64),
         _NONE if w is None else w, k, tile, labels, d1, sums, counts, loss, sq_total,
         P2, pn, eps, pmax, shift, smax, changed, count_in_place,
+        top, top_index, top_size, top_out,
     )  # fmt: skip
     fingerprint = int(h) if contiguous else None
-    return sums, counts, loss, changed, float(sq_total[0]), fingerprint
+    found = None
+    if m:
+        # unique: full, no NaN, and every row left out strictly nearer than the heap's least
+        unique = (top_size == m) & (top_out < top[:, 0]) & ~np.isnan(top).any(axis=1)
+        found = unique, top_index
+    return sums, counts, loss, changed, float(sq_total[0]), fingerprint, found
 
 
 def thread_buffer(purpose: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
@@ -1163,24 +1198,24 @@ def chunk_stats(
         shape = (centers.shape[0], n)
         # kept by the memo, or used for this pass only
         labels = np.empty(shape, np.int32) if remember else thread_buffer("labels", shape, np.int32)
-        sums, counts, loss, changed, sq_total, fingerprint = _pass(
-            X, centers, xsq, w, labels, d1, previous, checksum=remember
+        sums, counts, loss, changed, sq_total, fingerprint, top = _pass(
+            X, centers, xsq, w, labels, d1, previous, checksum=remember, n_far=n_far
         )
     else:
         before, labels = remembered
-        sums, counts, loss, changed, sq_total, fingerprint = _pass(
-            X, centers, xsq, w, labels, d1, count_in_place=True
+        sums, counts, loss, changed, sq_total, fingerprint, top = _pass(
+            X, centers, xsq, w, labels, d1, count_in_place=True, n_far=n_far
         )
         if fingerprint != before:
             # X was modified in place since its labels were remembered: count the other way
-            sums, counts, loss, changed, sq_total, fingerprint = _pass(
-                X, centers, xsq, w, labels, d1, previous
+            sums, counts, loss, changed, sq_total, fingerprint, top = _pass(
+                X, centers, xsq, w, labels, d1, previous, n_far=n_far
             )
     if remember:
         _LABELS.put(X, fingerprint, centers, labels)
     if previous is None:
         changed = np.full(centers.shape[0], -1, dtype=np.int64)
-    far_dist, far_rows, far_index = _farthest(X, d1, w, offset, n_far)
+    far_dist, far_rows, far_index = _farthest(X, d1, w, offset, n_far, top)
     return ChunkStats(sums, counts, loss, changed, far_dist, far_rows, far_index, n, sq_total)
 
 
@@ -1250,68 +1285,62 @@ _LABELS = _LabelMemo()
 
 
 @numba.njit(nogil=True, cache=True)
-def _top_rows(dist, w, has_w, m):  # pragma: no cover
-    """The rows of the ``m`` largest ``dist`` among rows of positive weight, in no order, by
-    a bounded min-heap; ``ok`` is False unless exactly m rows reach the m-th largest value
-    (no tie at the cut-off, no missing rows, no NaN), i.e. unless the set is unique."""
-    n = dist.shape[0]
-    heap = np.empty(m)
-    index = np.empty(m, dtype=np.int64)
-    size = 0
-    for i in range(n):
-        if has_w and not w[i] > 0:
-            continue
-        v = dist[i]
-        if size < m:
-            # sift up
-            c = size
-            size += 1
-            while c > 0:
-                parent = (c - 1) // 2
-                if not heap[parent] > v:
-                    break
-                heap[c] = heap[parent]
-                index[c] = index[parent]
-                c = parent
-            heap[c] = v
-            index[c] = i
-        elif v > heap[0]:
-            # replace the smallest, sift down
-            c = 0
-            while True:
-                child = 2 * c + 1
-                if child >= m:
-                    break
-                if child + 1 < m and heap[child + 1] < heap[child]:
-                    child += 1
-                if not heap[child] < v:
-                    break
-                heap[c] = heap[child]
-                index[c] = index[child]
-                c = child
-            heap[c] = v
-            index[c] = i
-    if size < m:
-        return False, index
-    cut = heap[0]
-    reach = 0
-    for i in range(n):
-        if (not has_w or w[i] > 0) and dist[i] >= cut:
-            reach += 1
-    for q in range(m):
-        if heap[q] != heap[q]:
-            return False, index
-    return reach == m, index
+def _offer(heap, index, size, out, r, v, i):  # pragma: no cover
+    """Offer row ``i`` at distance ``v`` to restart ``r``'s bounded min-heap of the largest
+    distances (``heap`` and ``index``, filled up to ``size[r]``); ``out[r]`` keeps the largest
+    distance that is not in the heap, so that in the end the heap's rows are the unique set of
+    farthest rows exactly when it is full, holds no NaN and ``out[r] < heap[0]``."""
+    m = heap.shape[0]
+    n = size[r]
+    if n < m:
+        # sift up
+        c = n
+        size[r] = n + 1
+        while c > 0:
+            parent = (c - 1) // 2
+            if not heap[parent] > v:
+                break
+            heap[c] = heap[parent]
+            index[c] = index[parent]
+            c = parent
+        heap[c] = v
+        index[c] = i
+    elif v > heap[0]:
+        out[r] = max(out[r], heap[0])
+        # replace the smallest, sift down
+        c = 0
+        while True:
+            child = 2 * c + 1
+            if child >= m:
+                break
+            if child + 1 < m and heap[child + 1] < heap[child]:
+                child += 1
+            if not heap[child] < v:
+                break
+            heap[c] = heap[child]
+            index[c] = index[child]
+            c = child
+        heap[c] = v
+        index[c] = i
+    elif v > out[r]:
+        out[r] = v
 
 
 def _farthest(
-    X: np.ndarray, dist: np.ndarray, w: np.ndarray | None, offset: int, m: int
+    X: np.ndarray,
+    dist: np.ndarray,
+    w: np.ndarray | None,
+    offset: int,
+    m: int,
+    top: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The ``m`` rows of positive weight (every row when ``w`` is None) farthest from their
     mean, per restart.
 
-    When those rows are unique (no tie at the cut-off) they are found with a bounded heap;
-    otherwise by a partition, keeping the lowest-index rows among those tied at the cut-off.
+    ``top`` is what the pass's heaps found (see ``_offer``): per restart, whether they hold
+    the unique set of the m farthest rows, and those rows. When they do not (a tie at the
+    cut-off, fewer rows), the rows are found by a partition of ``dist``, keeping the
+    lowest-index rows among those tied at the cut-off.
     """
     n_init, n = dist.shape
     m = min(m, n)
@@ -1322,10 +1351,9 @@ def _farthest(
         return far_dist, far_rows, far_index
     positive = None
     for r in range(n_init):
-        ok, top = (False, None) if m == n else _top_rows(dist[r], _NONE if w is None else w,
-                                                         w is not None, m)  # fmt: skip
-        if ok:
-            neg = -dist[r, top]  # minus the score of these rows
+        if top is not None and top[0][r]:
+            top_r = top[1][r]
+            neg = -dist[r, top_r]  # minus the score of these rows
         else:
             # minus the score (the distance, -inf for rows of no weight), formed in one pass
             if w is None:
@@ -1339,14 +1367,14 @@ def _farthest(
                 cut = np.partition(neg_all, m - 1)[m - 1]
                 above = np.flatnonzero(neg_all < cut)
                 tied = np.flatnonzero(neg_all == cut)[: m - len(above)]
-                top = np.concatenate([above, tied])
+                top_r = np.concatenate([above, tied])
             else:
-                top = np.arange(m)
-            neg = neg_all[top]
+                top_r = np.arange(m)
+            neg = neg_all[top_r]
         # order: farthest first, then lowest row index, so ties never depend on chunking
-        order = np.lexsort((top, neg))
-        top, neg = top[order], neg[order]
-        far_dist[r], far_rows[r], far_index[r] = -neg, X[top], top + offset
+        order = np.lexsort((top_r, neg))
+        top_r, neg = top_r[order], neg[order]
+        far_dist[r], far_rows[r], far_index[r] = -neg, X[top_r], top_r + offset
     return far_dist, far_rows, far_index
 
 
