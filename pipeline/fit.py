@@ -208,53 +208,57 @@ def fit_means(
     k = state.centers.shape[1]
     if count_changed is None:
         count_changed = not data.streamed
-    while not state.done:
-        started = time.perf_counter()
-        run = np.flatnonzero(state.active)
-        previous = None if state.previous is None or not count_changed else state.previous[run]
-        stats = stats_pass(data, state.centers[run], previous=previous, n_far=k)
-        state.iteration += 1
-        variance = _mean_feature_variance(stats)
-        grads = optimizer.gradient(state.centers[run], stats)
-        step_result = step.step(state.centers[run], stats)
-        moved, notes = optimizer.relocate_empty(step_result.centers, stats)
-        notes = step_result.notes + notes
-        new_previous = state.centers.copy()
-        records: dict[int, dict[str, Any]] = {}
-        for i, r in enumerate(run):
-            loss = float(stats.loss[i])
-            last = state.last_loss[r]
-            record = {
-                "iteration": state.iteration,
-                "loss": loss,
-                "relative_change": float((last - loss) / last) if math.isfinite(last) and last else None,
-                "changed_labels": int(stats.changed[i]) if stats.changed[i] >= 0 else None,
-                "gradient_norm": float(np.linalg.norm(grads[i])),
-                "cluster_sizes": stats.counts[i].tolist(),
-                "seconds": None,  # filled below, once the whole iteration is timed
-            }
-            if step_result.learning_rate is not None:
-                record["learning_rate"] = step_result.learning_rate
-            state.history[r].append(record)
-            records[int(r)] = record
-            reason = _stop_reason(
-                state, r, loss, int(stats.changed[i]), tol, variance, max_iter, step.lands_on_lloyd
-            )
-            if reason is not None:
-                state.active[r] = False
-                state.stop_reason[r] = reason
-                state.final_loss[r] = loss
-            else:
-                state.last_shift[r] = float(((moved[i] - state.centers[r]) ** 2).sum())
-                state.centers[r] = moved[i]
-            state.last_loss[r] = loss
-        state.previous = new_previous
-        seconds = time.perf_counter() - started
-        for record in records.values():
-            record["seconds"] = seconds
-        if on_iteration is not None:
-            on_iteration(IterationReport(state.iteration, seconds, records, notes, state))
-    release_buffers()
+    # the workers' chunk buffers are freed however the loop ends (a failed pass, a failed
+    # checkpoint in on_iteration): on a long-lived cluster they would stay until the next fit
+    try:
+        while not state.done:
+            started = time.perf_counter()
+            run = np.flatnonzero(state.active)
+            previous = None if state.previous is None or not count_changed else state.previous[run]
+            stats = stats_pass(data, state.centers[run], previous=previous, n_far=k)
+            state.iteration += 1
+            variance = _mean_feature_variance(stats)
+            grads = optimizer.gradient(state.centers[run], stats)
+            step_result = step.step(state.centers[run], stats)
+            moved, notes = optimizer.relocate_empty(step_result.centers, stats)
+            notes = step_result.notes + notes
+            new_previous = state.centers.copy()
+            records: dict[int, dict[str, Any]] = {}
+            for i, r in enumerate(run):
+                loss = float(stats.loss[i])
+                last = state.last_loss[r]
+                record = {
+                    "iteration": state.iteration,
+                    "loss": loss,
+                    "relative_change": float((last - loss) / last) if math.isfinite(last) and last else None,
+                    "changed_labels": int(stats.changed[i]) if stats.changed[i] >= 0 else None,
+                    "gradient_norm": float(np.linalg.norm(grads[i])),
+                    "cluster_sizes": stats.counts[i].tolist(),
+                    "seconds": None,  # filled below, once the whole iteration is timed
+                }
+                if step_result.learning_rate is not None:
+                    record["learning_rate"] = step_result.learning_rate
+                state.history[r].append(record)
+                records[int(r)] = record
+                reason = _stop_reason(
+                    state, r, loss, int(stats.changed[i]), tol, variance, max_iter, step.lands_on_lloyd
+                )
+                if reason is not None:
+                    state.active[r] = False
+                    state.stop_reason[r] = reason
+                    state.final_loss[r] = loss
+                else:
+                    state.last_shift[r] = float(((moved[i] - state.centers[r]) ** 2).sum())
+                    state.centers[r] = moved[i]
+                state.last_loss[r] = loss
+            state.previous = new_previous
+            seconds = time.perf_counter() - started
+            for record in records.values():
+                record["seconds"] = seconds
+            if on_iteration is not None:
+                on_iteration(IterationReport(state.iteration, seconds, records, notes, state))
+    finally:
+        release_buffers()
     return _result(state)
 
 

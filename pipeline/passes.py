@@ -297,9 +297,13 @@ def _read_chunk_stats_task(
 
 def release_buffers() -> None:
     """Free the kernel's per-thread buffers in this process and, when a Dask client is the
-    default scheduler, in every worker: called when a fit's passes are done, so that the
-    workers go back to their baseline (kept, the streamed chunks' buffers made the label
-    pass after a fit the workers' peak, at 82% of their limit)."""
+    default scheduler, in every worker: called when a fit's passes are done, or have failed,
+    so that the workers go back to their baseline (kept, the streamed chunks' buffers made the
+    label pass after a fit the workers' peak, at 82% of their limit).
+
+    Best effort, and never raises: it runs while a failed fit's error propagates, which it
+    must not replace; a worker that cannot be reached frees its buffers when it goes away.
+    """
     kernel.release_thread_buffers()
     try:
         from distributed import default_client
@@ -307,8 +311,12 @@ def release_buffers() -> None:
         client = default_client()
     except (ImportError, ValueError):  # no distributed client: the passes ran in this process
         return
-    # best effort: a worker that cannot be reached frees its buffers when it goes away
-    client.run(kernel.release_thread_buffers, on_error="ignore")
+    if client.status != "running":
+        return
+    try:
+        client.run(kernel.release_thread_buffers, on_error="ignore")
+    except (OSError, TimeoutError):  # the scheduler went away (CommClosedError is an OSError)
+        pass
 
 
 def stats_pass(

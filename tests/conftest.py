@@ -15,6 +15,13 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+def buffered_bytes() -> int:
+    """Bytes of the kernel's per-thread buffers held in this process (run it on the workers)."""
+    from pipeline import kernel
+
+    return sum(b.nbytes for buffers in kernel._ALL_BUFFERS for b in buffers.by_purpose.values())
+
+
 @pytest.fixture(scope="session")
 def dask_client() -> Iterator[object]:
     """A LocalCluster with two worker processes of one thread each, for the whole session."""

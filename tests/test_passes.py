@@ -15,10 +15,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import blobs, write_parquet, write_split
+from conftest import blobs, buffered_bytes, write_parquet, write_split
 from dask.delayed import delayed
 
 from pipeline import kernel, parquet_io, passes
+from pipeline.fit import FitState, IterationReport, fit_means
+from pipeline.optimizer import NewtonStep
 from pipeline.parquet_io import InputError, open_parquet
 from pipeline.passes import (
     DaskData,
@@ -26,6 +28,7 @@ from pipeline.passes import (
     data_from_array,
     data_from_parquet,
     label_files,
+    release_buffers,
     stats_pass,
     tree_reduce,
 )
@@ -187,6 +190,33 @@ def test_stats_pass_one_file_vs_many_files(tmp_path: Path, dask_client) -> None:
     np.testing.assert_array_equal(c.counts, d.counts)
     np.testing.assert_allclose(c.loss, d.loss, rtol=1e-7)
     np.testing.assert_array_equal(c.far_index, d.far_index)
+
+
+def test_a_failed_fit_frees_the_workers_buffers(dask_client) -> None:
+    # the session's cluster outlives the fit, as a long-lived cluster does: a fit that fails
+    # (here its per-iteration callback, as a failed checkpoint would) must not leave a chunk's
+    # buffers in every worker thread
+    X = blobs(n=4000, d=4, k=3, seed=5)
+    data = data_from_array(da.from_array(X, chunks=(1000, 4))).persist()
+
+    def fail(report: IterationReport) -> None:
+        raise RuntimeError("checkpoint failed")
+
+    with pytest.raises(RuntimeError, match="checkpoint failed"):
+        fit_means(data, FitState.start(X[None, :3].copy()), max_iter=5, tol=0.0,
+                  step=NewtonStep(), on_iteration=fail)  # fmt: skip
+    assert set(dask_client.run(buffered_bytes).values()) == {0}
+
+
+def test_release_buffers_does_not_raise_once_the_scheduler_is_gone() -> None:
+    # it runs while a failed fit's error propagates: raising would replace that error
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0")
+    with Client(cluster) as client:
+        cluster.close()
+        release_buffers()  # the closed client's run raised AttributeError
+        assert client.status == "closed"
 
 
 def test_stats_pass_is_repeatable(tmp_path: Path, dask_client) -> None:

@@ -14,7 +14,7 @@ import dask
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import blobs, write_split
+from conftest import blobs, buffered_bytes, write_split
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import parquet_io
@@ -41,12 +41,6 @@ from pipeline.passes import (
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 LIMIT = "500MB"  # per worker; a worker with the engine loaded takes about 260 MiB of it
-
-
-def _buffered_bytes() -> int:
-    from pipeline import kernel
-
-    return sum(b.nbytes for buffers in kernel._ALL_BUFFERS for b in buffers.by_purpose.values())
 
 
 def test_streamed_fit_in_bounded_memory_matches_in_memory_fit(tmp_path: Path) -> None:
@@ -76,7 +70,7 @@ def test_streamed_fit_in_bounded_memory_matches_in_memory_fit(tmp_path: Path) ->
             step=make_step_rule("newton"),
         )  # fmt: skip
         # the fit's end freed the workers' per-thread chunk buffers
-        assert set(client.run(_buffered_bytes).values()) == {0}
+        assert set(client.run(buffered_bytes).values()) == {0}
         final = label_files(planned, streamed.centers, str(tmp_path / "labels"))
         peaks = workers_peak_memory(client)
         assert sorted(client.scheduler_info()["workers"]) == workers  # no worker restarted
