@@ -103,7 +103,11 @@ def _batch_stats_task(
     offset: int,
     n_far: int,
 ) -> ChunkStats:
-    return kernel.chunk_stats(X, centers, weights=weights, xsq=xsq, offset=offset, n_far=n_far)
+    # no later pass compares with this one's labels (no previous means are ever given): none
+    # are kept, and no checksum of the rows is taken
+    return kernel.chunk_stats(
+        X, centers, weights=weights, xsq=xsq, offset=offset, n_far=n_far, remember=False
+    )
 
 
 def _batch_pass(
@@ -182,71 +186,74 @@ def fit_minibatch(
     stale = 0
     stop_reason = "max-iter"
     iteration = 0
-    while iteration < max_iter:
-        started = time.perf_counter()
-        iteration += 1
-        chunks = choose_chunks(sizes, batch_size, seed, iteration)
-        stats = _batch_pass(blocks, chunks, centers)
-        rows = int(stats.n_rows)
-        rows_read += rows
-        c = stats.counts[0]
-        total = float(c.sum())
-        notes: list[str] = []
-        if total > 0:
-            v += c
-            has = c > 0
-            rate = c[has] / v[has]
-            centers[has] = (1.0 - rate)[:, None] * centers[has] + stats.sums[0][has] / v[has, None]
-            batch_loss = float(stats.loss[0]) / total
-            alpha = min(1.0, max(2.0 * rows / (n + 1), 2.0 / (patience + 1)))
-            ewa = batch_loss if math.isnan(ewa) else (1 - alpha) * ewa + alpha * batch_loss
-        else:
-            batch_loss = math.nan
-            notes.append(f"iteration {iteration}: the batch has total weight 0; no update.")
-        if np.any(v <= 0):
-            moved, moved_notes = optimizer.relocate_empty(
-                centers[None], replace(stats, counts=v[None])
-            )
-            centers = moved[0]
-            notes += moved_notes
-        if ewa < best * (1.0 - tol):
-            best = ewa
-            stale = 0
-        else:
-            stale += 1
-        record = {
-            "iteration": iteration,
-            "loss": batch_loss,
-            "ewa_loss": ewa,
-            "rows": rows,
-            "rows_read": rows_read,
-            "chunks": int(chunks.size),
-            "cluster_sizes": c.tolist(),
-            "seconds": time.perf_counter() - started,
-        }
-        history.append(record)
-        all_notes += notes
-        if on_iteration is not None:
-            on_iteration(
-                MinibatchReport(iteration, record["seconds"], record, notes, centers.copy())
-            )
-        if stale >= patience:
-            stop_reason = "no-improvement"
-            break
+    # the workers' chunk buffers are freed however the fit ends (see fit.fit_means)
+    try:
+        while iteration < max_iter:
+            started = time.perf_counter()
+            iteration += 1
+            chunks = choose_chunks(sizes, batch_size, seed, iteration)
+            stats = _batch_pass(blocks, chunks, centers)
+            rows = int(stats.n_rows)
+            rows_read += rows
+            c = stats.counts[0]
+            total = float(c.sum())
+            notes: list[str] = []
+            if total > 0:
+                v += c
+                has = c > 0
+                rate = c[has] / v[has]
+                centers[has] = (1.0 - rate)[:, None] * centers[has] + stats.sums[0][has] / v[has, None]
+                batch_loss = float(stats.loss[0]) / total
+                alpha = min(1.0, max(2.0 * rows / (n + 1), 2.0 / (patience + 1)))
+                ewa = batch_loss if math.isnan(ewa) else (1 - alpha) * ewa + alpha * batch_loss
+            else:
+                batch_loss = math.nan
+                notes.append(f"iteration {iteration}: the batch has total weight 0; no update.")
+            if np.any(v <= 0):
+                moved, moved_notes = optimizer.relocate_empty(
+                    centers[None], replace(stats, counts=v[None])
+                )
+                centers = moved[0]
+                notes += moved_notes
+            if ewa < best * (1.0 - tol):
+                best = ewa
+                stale = 0
+            else:
+                stale += 1
+            record = {
+                "iteration": iteration,
+                "loss": batch_loss,
+                "ewa_loss": ewa,
+                "rows": rows,
+                "rows_read": rows_read,
+                "chunks": int(chunks.size),
+                "cluster_sizes": c.tolist(),
+                "seconds": time.perf_counter() - started,
+            }
+            history.append(record)
+            all_notes += notes
+            if on_iteration is not None:
+                on_iteration(
+                    MinibatchReport(iteration, record["seconds"], record, notes, centers.copy())
+                )
+            if stale >= patience:
+                stop_reason = "no-improvement"
+                break
 
-    inertia = math.nan
-    sizes_final = np.zeros(0)
-    if final_pass:
-        final = stats_pass(data, centers[None])
-        rows_read += int(final.n_rows)
-        inertia = float(final.loss[0])
-        sizes_final = final.counts[0]
-        empty = np.flatnonzero(sizes_final <= 0)
-        if empty.size:
-            all_notes.append(
-                f"centres {empty.tolist()} have no rows in the full data; kept where they are."
-            )
-    release_buffers()
+        inertia = math.nan
+        sizes_final = np.zeros(0)
+        if final_pass:
+            final = stats_pass(data, centers[None])
+            rows_read += int(final.n_rows)
+            inertia = float(final.loss[0])
+            sizes_final = final.counts[0]
+            empty = np.flatnonzero(sizes_final <= 0)
+            if empty.size:
+                all_notes.append(
+                    f"centres {empty.tolist()} have no rows in the full data; kept where they are."
+                )
+    finally:
+        release_buffers()
     return MinibatchResult(
         centers=centers,
         inertia=inertia,

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from conftest import blobs
 
-from pipeline import optimizer
+from pipeline import kernel, optimizer
 from pipeline.fit import FitState, fit_means
 from pipeline.initialization import kmeans_parallel
-from pipeline.minibatch import choose_chunks, fit_minibatch
+from pipeline.minibatch import _batch_stats_task, choose_chunks, fit_minibatch
 from pipeline.passes import DaskData
 
 
@@ -208,3 +208,15 @@ def test_bad_arguments() -> None:
         fit_minibatch(data, X[:2], batch_size=0, max_iter=5)
     with pytest.raises(ValueError, match="tol"):
         fit_minibatch(data, X[:2], batch_size=10, max_iter=5, tol=-1.0)
+
+
+def test_batch_passes_keep_no_labels() -> None:
+    # no later pass compares with a batch's labels: keeping them (and a checksum of the rows)
+    # would only cost memory and time
+    X = blobs(n=500, d=32, k=3, seed=2).astype(np.float32)
+    centers = X[None, :3].astype(np.float64)
+    stats = _batch_stats_task(X, None, None, centers, 0, 3)
+    assert stats.n_rows == 500
+    assert id(X) not in kernel._LABELS._entries
+    kernel.chunk_stats(X, centers)  # a fit's pass does keep them
+    assert id(X) in kernel._LABELS._entries
