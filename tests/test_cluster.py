@@ -121,35 +121,87 @@ def test_local_cluster_workers_run_tasks_past_the_pause_threshold(local_run) -> 
         client.run(_drop_ballast, workers=[address])
 
 
-_FIRST_RUN = """
-import json
+_COMPILED_IN_WORKERS = """
+import contextlib, json, sys
+import distributed
 from pipeline.cluster import LocalClusterSpec, dask_client
 
 def compiled_here():
     import numba
     from pipeline import cluster, kernel
-    cluster._load_engine()
+    cluster.load_engine()
     dispatchers = [f for f in vars(kernel).values() if isinstance(f, numba.core.dispatcher.Dispatcher)]
     return sum(len(f.stats.cache_misses) for f in dispatchers), len(dispatchers)
 
-with dask_client(LocalClusterSpec(n_workers=1)) as client:
+with contextlib.ExitStack() as stack:
+    if len(sys.argv) > 1:  # a running scheduler
+        client = stack.enter_context(distributed.Client(scheduler_file=sys.argv[1], timeout=60))
+        client.wait_for_workers(1, timeout=120)
+    else:
+        client = stack.enter_context(dask_client(LocalClusterSpec(n_workers=1)))
     print(json.dumps(list(client.run(compiled_here).values())))
 """
+
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def _compiled_in_workers(env: dict[str, str], *args: str) -> list[list[int]]:
+    """Per worker: how many of the kernel's functions it compiled (not found in numba's
+    cache), and how many it has."""
+    done = subprocess.run(
+        [sys.executable, "-c", _COMPILED_IN_WORKERS, *args], check=False, env=env,
+        capture_output=True, text=True, cwd=_REPO, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_local_cluster_workers_load_the_kernel_compiled_before_them(tmp_path) -> None:
     # A first run (here: an empty numba cache): the parent compiles the kernel before starting
     # the workers, which load it from the cache instead of each compiling it (13 s of CPU and
-    # some 86 MB of memory per worker, kept).
+    # some 90 MB of memory per worker, kept).
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache")}
-    done = subprocess.run(
-        [sys.executable, "-c", _FIRST_RUN], check=False, env=env, capture_output=True, text=True,
-        cwd=Path(__file__).resolve().parents[1], timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    [(misses, dispatchers)] = json.loads(done.stdout.strip().splitlines()[-1])
+    [(misses, dispatchers)] = _compiled_in_workers(env)
     assert dispatchers > 10
     assert misses == 0
+
+
+def test_deployed_workers_load_the_kernel_their_nanny_compiled(tmp_path) -> None:
+    # `dask worker --preload-nanny pipeline.preload`, as deploy/ starts workers, on an empty
+    # numba cache: the worker finds the kernel compiled (without the preload it compiled 17)
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache"),
+           "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}  # fmt: skip
+    scheduler_file = tmp_path / "scheduler.json"
+    python_m = [sys.executable, "-m"]
+    procs = [
+        subprocess.Popen(
+            [*python_m, "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
+             "--dashboard-address", ":0", "--scheduler-file", str(scheduler_file)],
+            env=env, cwd=_REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ),
+        subprocess.Popen(
+            [*python_m, "distributed.cli.dask_worker", "--scheduler-file", str(scheduler_file),
+             "--nthreads", "1", "--host", "127.0.0.1", "--dashboard-address", ":0",
+             "--preload-nanny", "pipeline.preload"],
+            env=env, cwd=_REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ),
+    ]  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists():
+            assert time.monotonic() < deadline, "dask scheduler did not start"
+            time.sleep(0.1)
+        [(misses, dispatchers)] = _compiled_in_workers(env, str(scheduler_file))
+        assert dispatchers > 10
+        assert misses == 0
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def test_local_cluster_default_spec() -> None:

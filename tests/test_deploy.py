@@ -501,3 +501,21 @@ def test_external_workers_never_spill_like_the_embedded_ones() -> None:
     parsed = dask.config.collect_env(expected)
     for key, value in _WORKER_MEMORY_CONFIG.items():
         assert functools.reduce(dict.__getitem__, key.split("."), parsed) == value, key
+
+
+def test_every_deployed_worker_has_its_nanny_compile_the_kernel() -> None:
+    """Every way deploy/ starts Dask workers runs pipeline.preload in the nanny (the worker then
+    loads the kernel from numba's cache instead of compiling it: tests/test_cluster.py)."""
+    flag = ["--preload-nanny", "pipeline.preload"]
+    (cluster,) = [doc for doc in kubernetes_documents() if doc["kind"] == "DaskCluster"]
+    (worker,) = cluster["spec"]["worker"]["spec"]["containers"]
+    args = worker["args"]
+    assert args[args.index(flag[0]) : args.index(flag[0]) + 2] == flag
+    assert " ".join(flag) in (DEPLOY / "slurm" / "kmeans-fit.sbatch").read_text()
+    slurm = yaml.safe_load((DEPLOY / "slurm" / "jobqueue.yaml").read_text())["jobqueue"]["slurm"]
+    assert slurm["worker-extra-args"] == flag
+    cluster_json = json.loads((DEPLOY / "slurm" / "slurm-cluster.json").read_text())
+    assert cluster_json["kwargs"]["worker_extra_args"] == flag
+    import importlib
+
+    assert callable(importlib.import_module("pipeline.preload").dask_setup)
