@@ -820,7 +820,7 @@ def _fused_pass(
 
     Each restart's rows of positive weight are offered, with their distance, to a bounded
     min-heap of the farthest (``top``, ``top_index``, ``top_size``; width 0: none), and
-    ``top_out`` gets the largest distance left out of it (see ``_offer``).
+    ``top_out`` gets the largest distance left out of it (see ``_push``).
 
     ``S2`` is ``-2`` times all restarts' means stacked (n_init*k, d) in X's dtype, ``cn`` their
     squared norms. Writes labels and clamped best distances per restart and row, and adds to
@@ -887,7 +887,7 @@ def _fused_pass(
                     # the common case once the heap is full: left out
                     top_out[r] = max(top_out[r], v)
                 else:
-                    _offer(heap, top_index[r], top_size, top_out, r, v, i)
+                    _push(heap, top_index[r], top_size, top_out, r, v, i)
         n_unsure[:] = 0
         if check:
             for ii in range(b):
@@ -1285,11 +1285,13 @@ _LABELS = _LabelMemo()
 
 
 @numba.njit(nogil=True, cache=True)
-def _offer(heap, index, size, out, r, v, i):  # pragma: no cover
-    """Offer row ``i`` at distance ``v`` to restart ``r``'s bounded min-heap of the largest
-    distances (``heap`` and ``index``, filled up to ``size[r]``); ``out[r]`` keeps the largest
-    distance that is not in the heap, so that in the end the heap's rows are the unique set of
-    farthest rows exactly when it is full, holds no NaN and ``out[r] < heap[0]``."""
+def _push(heap, index, size, out, r, v, i):  # pragma: no cover
+    """Put row ``i`` at distance ``v`` into restart ``r``'s bounded min-heap of the largest
+    distances (``heap`` and ``index``, filled up to ``size[r]``), where it belongs: the heap
+    is not full, or ``v`` is beyond its least, which then goes to ``out[r]``. With the rows
+    left out of the heap also kept there (by the caller), ``out[r]`` is the largest distance
+    not in the heap, so that in the end the heap's rows are the unique set of farthest rows
+    exactly when it is full, holds no NaN and ``out[r] < heap[0]``."""
     m = heap.shape[0]
     n = size[r]
     if n < m:
@@ -1305,7 +1307,7 @@ def _offer(heap, index, size, out, r, v, i):  # pragma: no cover
             c = parent
         heap[c] = v
         index[c] = i
-    elif v > heap[0]:
+    else:
         out[r] = max(out[r], heap[0])
         # replace the smallest, sift down
         c = 0
@@ -1322,8 +1324,6 @@ def _offer(heap, index, size, out, r, v, i):  # pragma: no cover
             c = child
         heap[c] = v
         index[c] = i
-    elif v > out[r]:
-        out[r] = v
 
 
 def _farthest(
@@ -1337,7 +1337,7 @@ def _farthest(
     """The ``m`` rows of positive weight (every row when ``w`` is None) farthest from their
     mean, per restart.
 
-    ``top`` is what the pass's heaps found (see ``_offer``): per restart, whether they hold
+    ``top`` is what the pass's heaps found (see ``_push``): per restart, whether they hold
     the unique set of the m farthest rows, and those rows. When they do not (a tie at the
     cut-off, fewer rows), the rows are found by a partition of ``dist``, keeping the
     lowest-index rows among those tied at the cut-off.
