@@ -257,7 +257,9 @@ class ProcessTreeSampler(Poller):
         for proc in procs:
             try:
                 rss = proc.memory_info().rss
-                if proc.pid not in self.is_worker:
+                # asked again until it is one: between the fork and the exec of a new worker
+                # its command line is still its parent's (a worker was once missed that way)
+                if not self.is_worker.get(proc.pid):
                     cmd = " ".join(proc.cmdline())
                     self.is_worker[proc.pid] = "spawn_main" in cmd and "resource_tracker" not in cmd
             except psutil.Error:
