@@ -55,7 +55,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Self
 
@@ -257,8 +257,8 @@ class ProcessTreeSampler(Poller):
         for proc in procs:
             try:
                 rss = proc.memory_info().rss
-                # asked again until it is one: between the fork and the exec of a new worker
-                # its command line is still its parent's (a worker was once missed that way)
+                # asked again until it is one: right after the fork a new worker's command
+                # line is not yet its own (a worker was once never counted)
                 if not self.is_worker.get(proc.pid):
                     cmd = " ".join(proc.cmdline())
                     self.is_worker[proc.pid] = "spawn_main" in cmd and "resource_tracker" not in cmd
@@ -428,7 +428,7 @@ def _warm_up(k: int, d: int) -> None:
 
 
 def run_kmeans_gd(
-    X: Any, init: np.ndarray, max_iter: int, between: Any = None
+    X: Any, init: np.ndarray, max_iter: int, between: Callable[[Any], None] | None = None
 ) -> dict[str, Any]:
     """kmeans-gd's fit; ``between(report)``, if given, runs after every iteration, outside the
     iteration's own time and taken out of the total."""
@@ -438,6 +438,7 @@ def run_kmeans_gd(
 
     def on_iteration(report: Any) -> None:
         nonlocal outside
+        assert between is not None
         t = time.perf_counter()
         between(report)
         outside += time.perf_counter() - t
