@@ -668,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         # (a) kmeans-gd, the products timed once between every two of its iterations
         interleaved: list[float] = []
 
+        # X bound as a default: main deletes its X before returning, which a closure would see
         def floor_between(_report: Any, rows: Any = X) -> None:
             interleaved.append(worker_floor(client, rows, _matmul_task, C32, 2048, 1)["seconds"])
 
