@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import dask.config
 import distributed
 import numpy as np
 import pytest
@@ -84,6 +85,37 @@ def test_local_cluster_workers_get_single_blas_thread(local_run) -> None:
     expected = {name: value if value is not None else "1" for name, value in env_before.items()}
     per_worker = client.run(_blas_env)
     assert list(per_worker.values()) == [expected, expected]
+
+
+def _intervals(server, names=("tick", "monitor")) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Milliseconds between a Dask server's background callbacks."""
+    return {name: server.periodic_callbacks[name].callback_time for name in names}
+
+
+def _worker_intervals(dask_worker) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    return _intervals(dask_worker, ("tick", "monitor", "profile"))
+
+
+def _scheduler_intervals(dask_scheduler) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    return _intervals(dask_scheduler)
+
+
+def test_local_cluster_trims_background_polling(local_run) -> None:
+    client, _ = local_run
+    assert list(client.run(_worker_intervals).values()) == [
+        {"tick": 1000, "monitor": 2000, "profile": 100}
+    ] * 2
+    assert client.run_on_scheduler(_scheduler_intervals) == {"tick": 1000, "monitor": 2000}
+
+
+def test_local_cluster_keeps_background_intervals_the_user_configured() -> None:
+    with (
+        dask.config.set({"distributed.worker.profile.interval": "50ms"}),
+        dask_client(LocalClusterSpec(n_workers=1, threads_per_worker=1)) as client,
+    ):
+        assert list(client.run(_worker_intervals).values()) == [
+            {"tick": 1000, "monitor": 2000, "profile": 50}
+        ]
 
 
 def _hold_unmanaged_memory(fraction: float, dask_worker) -> float:  # type: ignore[no-untyped-def]
