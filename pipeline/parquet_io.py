@@ -375,14 +375,39 @@ def _use_returning_allocator() -> None:
     pa.set_memory_pool(pool)
 
 
+class _MappedParquetFile:
+    """A local Parquet file whose row groups are each read from a memory map of their own.
+
+    Read from a map, Arrow decompresses and decodes straight from the page cache, without the
+    copy that read calls make: 10-15% less CPU (8 of the bench's files, row group by row
+    group, one thread: 1.24-1.34 s instead of 1.48-1.80 s), and a streamed pass of 36M x 32 on
+    two 512 MB workers 5.80 s instead of 6.46 s (medians of 4, alternating in one cluster).
+    The pages read stay in the process's memory while mapped, so each map covers one row
+    group's read: the workers' peak grew by 14 MiB (341 -> 355 MiB), where one map per chunk
+    held a chunk's pages (+51 MiB). Arrow's own I/O, no Python file object in between (which
+    took the GIL per read). A file cut short while a row group is read from it kills the
+    reading process (SIGBUS) instead of failing the read; Dask retries the task elsewhere.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        with pa.memory_map(path, "r") as handle:
+            self.metadata = pq.ParquetFile(handle).metadata
+
+    def read_row_group(self, i: int, columns: list[str]) -> pa.Table:
+        with pa.memory_map(self.path, "r") as handle:
+            # pre_buffer=False: coalescing the reads would hold all of them at once
+            parquet = pq.ParquetFile(handle, metadata=self.metadata, pre_buffer=False)
+            return parquet.read_row_group(i, columns=columns)
+
+
 @contextlib.contextmanager
-def _open_parquet_file(dataset: ParquetDataset, path: str) -> Iterator[pq.ParquetFile]:
+def _open_parquet_file(
+    dataset: ParquetDataset, path: str
+) -> Iterator[pq.ParquetFile | _MappedParquetFile]:
     _use_returning_allocator()
-    # pre_buffer=False: coalescing the reads would hold a chunk's compressed pages all at once
     if isinstance(dataset.fs, LocalFileSystem) and type(dataset.fs)._open is LocalFileSystem._open:
-        # Arrow's own file reads without a Python file object in between (the GIL per read)
-        with pa.OSFile(path, "rb") as handle:
-            yield pq.ParquetFile(handle, pre_buffer=False)
+        yield _MappedParquetFile(path)
         return
     with dataset.fs.open(path, "rb") as handle:
         yield pq.ParquetFile(handle, pre_buffer=False)
