@@ -238,6 +238,19 @@ def test_read_chunk(tmp_path: Path) -> None:
     np.testing.assert_array_equal(out, expected.astype(np.float32))
 
 
+@pytest.mark.parametrize("compression", ["snappy", "none"])
+def test_mapped_row_groups_outlive_their_map(tmp_path: Path, compression: str) -> None:
+    # uncompressed plain pages could come back as slices of the map itself (pyarrow 26 copies
+    # them): they must stay valid after read_row_group has closed it
+    table = pa.table({"a": np.arange(30, dtype=np.float32), "b": np.arange(30.0) / 7})
+    path = tmp_path / "m.parquet"
+    pq.write_table(table, path, row_group_size=10, compression=compression, use_dictionary=False)
+    mapped = parquet_io._MappedParquetFile(str(path))
+    assert mapped.metadata.num_row_groups == 3
+    parts = [mapped.read_row_group(i, columns=["b", "a"]) for i in range(3)]
+    assert pa.concat_tables(parts).equals(table.select(["b", "a"]))
+
+
 @pytest.mark.parametrize(
     "out",
     [
