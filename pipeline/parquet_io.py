@@ -410,6 +410,7 @@ def _open_parquet_file(
         yield _MappedParquetFile(path)
         return
     with dataset.fs.open(path, "rb") as handle:
+        # pre_buffer=False: coalescing the reads would hold a chunk's compressed pages all at once
         yield pq.ParquetFile(handle, pre_buffer=False)
 
 
