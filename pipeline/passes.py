@@ -2,8 +2,8 @@
 
 A pass maps every chunk of rows to small additive statistics (``kernel.chunk_stats``) and
 combines them pairwise in a fixed order, so the result does not depend on which task finishes
-first. The means enter the graph as one key, so they travel to each worker once per pass, and
-each pass is exactly one ``dask.compute``.
+first. Small means are written into every chunk's task; larger ones enter the graph as one key,
+so they travel to each worker once per pass. Each pass is exactly one ``dask.compute``.
 
 :class:`DaskData` is what the fit loop iterates over: the rows as a Dask array chunked by rows,
 optional sample weights, and each chunk's global row offset (for randomness keyed by row).
@@ -51,6 +51,12 @@ T = TypeVar("T")
 #: fails once, a worker lost mid-task) costs a recomputation, never a wrong result. With
 #: Dask's local schedulers the option is ignored.
 RETRIES = 2
+
+#: Most bytes that copies of the means (and the previous means) may add to a pass's graph when
+#: written into every chunk's task. A key of their own costs a round trip before any chunk
+#: starts (a worker "computes" it, the others fetch it): 8 ms of a pass's 40 ms of overhead
+#: (8 small chunks on 2 workers). Beyond this size, one key of their own is the cheaper way.
+INLINE_MEANS_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -366,8 +372,12 @@ def stats_pass(
         tasks[key] = DataNode(key, value)
         return TaskRef(key)
 
-    means = data_node(f"means-{token}", np.asarray(centers, dtype=np.float64))
-    before = None if previous is None else data_node(f"previous-means-{token}", np.asarray(previous))
+    means: Any = np.asarray(centers, dtype=np.float64)
+    before: Any = None if previous is None else np.asarray(previous)
+    copies = len(data.offsets) * (means.nbytes + (0 if before is None else before.nbytes))
+    if copies > INLINE_MEANS_BYTES:
+        means = data_node(f"means-{token}", means)
+        before = None if before is None else data_node(f"previous-means-{token}", before)
     keys = [f"chunk-stats-{token}-{i}" for i in range(len(data.offsets))]
     dependencies: list[Delayed] = []
     if data.read_specs is not None and data.xsq is None:

@@ -158,6 +158,28 @@ def test_stats_pass_matches_kernel_on_numpy(dask_client) -> None:
     _assert_same_stats(persisted, expected)
 
 
+def _means_keys_seen(dask_scheduler, prefix: str) -> list[str]:  # type: ignore[no-untyped-def]
+    return [str(e[0]) for e in dask_scheduler.transition_log if str(e[0]).startswith(prefix)]
+
+
+@pytest.mark.parametrize("inline_bytes", [passes.INLINE_MEANS_BYTES, 0])
+def test_stats_pass_means_written_into_tasks_or_one_key(
+    dask_client, monkeypatch: pytest.MonkeyPatch, inline_bytes: int
+) -> None:
+    # small means go into every chunk's task (no round trip for a key of their own); beyond
+    # INLINE_MEANS_BYTES they are one key: the same statistics either way
+    monkeypatch.setattr(passes, "INLINE_MEANS_BYTES", inline_bytes)
+    X = blobs(n=2000, d=3, k=4, seed=5)
+    centers = np.stack([_centers(X, 4, s) for s in range(2)])
+    previous = centers + 0.2
+    data = data_from_array(da.from_array(X, chunks=(250, 3))).persist()
+    before = dask_client.run_on_scheduler(_means_keys_seen, prefix="means-")
+    got = stats_pass(data, centers, previous=previous, n_far=3)
+    _assert_same_stats(got, kernel.chunk_stats(X, centers, previous=previous, n_far=3))
+    seen = set(dask_client.run_on_scheduler(_means_keys_seen, prefix="means-")) - set(before)
+    assert len(seen) == (0 if inline_bytes else 1)
+
+
 def test_stats_pass_one_file_vs_many_files(tmp_path: Path, dask_client) -> None:
     X = blobs(n=1000, d=3, k=4, seed=3, spread=1.5)
     w = np.random.default_rng(3).integers(0, 4, size=len(X)).astype(np.float64)
