@@ -10,7 +10,8 @@ The data (Gaussian blobs, float32) is generated once, chunk by chunk, into a ``.
 
 (a) kmeans-gd ``pipeline.KMeans`` on a distributed ``LocalCluster`` (``--workers`` processes
     of one thread), the rows a Dask array persisted on the workers; per-iteration times from
-    ``history_[i]['seconds']``;
+    ``history_[i]['seconds']``, and each pass's busiest worker's summed chunk-task time from
+    the scheduler's task stream (what (d) measures, for kmeans-gd's own tasks);
 (b) scikit-learn ``KMeans(algorithm='lloyd', n_init=1)`` in this process, on ``--workers``
     threads (threadpoolctl); per iteration = total / ``n_iter_`` (sklearn also stops early on
     strict convergence: see n_iter);
@@ -443,11 +444,14 @@ def run_kmeans_gd(
         between(report)
         outside += time.perf_counter() - t
 
+    from distributed import get_task_stream
+
     km = KMeans(n_clusters=len(init), init=init, max_iter=max_iter, tol=0.0,
                 on_iteration=on_iteration if between is not None else None)  # fmt: skip
-    t = time.perf_counter()
-    km.fit(X)
-    total = time.perf_counter() - t - outside
+    with get_task_stream() as stream:
+        t = time.perf_counter()
+        km.fit(X)
+        total = time.perf_counter() - t - outside
     per_iter = [float(rec["seconds"]) for rec in km.history_]
     return {
         "centers": km.cluster_centers_,
@@ -458,7 +462,27 @@ def run_kmeans_gd(
         "per_iter": per_iter,
         "stop_reason": km.stop_reason_,
         "own_inertia": float(km.inertia_),
+        "busiest_tasks_per_iter": _busiest_chunk_tasks(stream.data),
     }
+
+
+def _busiest_chunk_tasks(records: list[dict[str, Any]]) -> list[float]:
+    """Per pass of a fit, the busiest worker's summed compute time of its chunk tasks (keys
+    ``chunk-stats-<pass>-<i>``, see ``pipeline.passes.stats_pass``), from the scheduler's task
+    stream: what the matmul floor measures (the busiest worker's summed task time), for
+    kmeans-gd's own tasks, without the pass's scheduling and the wait for the slower worker."""
+    busy: dict[str, dict[str, float]] = {}
+    for rec in records:
+        key = str(rec["key"])
+        if not key.startswith("chunk-stats-"):
+            continue
+        per_worker = busy.setdefault(key.rsplit("-", 1)[0], {})
+        for span in rec["startstops"]:
+            if span["action"] == "compute":
+                per_worker[rec["worker"]] = per_worker.get(rec["worker"], 0.0) + (
+                    span["stop"] - span["start"]
+                )
+    return [max(w.values()) for w in busy.values()]
 
 
 def run_sklearn(X: np.ndarray, init: np.ndarray, iters: int, threads: int) -> dict[str, Any]:
@@ -739,6 +763,11 @@ def main(argv: list[str] | None = None) -> int:
             "method": f"floor: {name}", "s_per_iter": {"median": secs, "min": secs, "max": secs},
             "ratio_to_kmeans_gd": secs / base_med, "total": None,
         })  # fmt: skip
+    tasks = summary(base["busiest_tasks_per_iter"])
+    rows.append({
+        "method": f"kmeans-gd: chunk tasks of the busiest worker (x{len(base['busiest_tasks_per_iter'])})",
+        "s_per_iter": tasks, "ratio_to_kmeans_gd": tasks["median"] / base_med, "total": None,
+    })  # fmt: skip
     between = summary(interleaved)
     rows.append({
         "method": f"floor: matmul (2048), between iterations (x{len(interleaved)})",
@@ -753,6 +782,8 @@ def main(argv: list[str] | None = None) -> int:
         "kmeans_gd_over_matmul_floor": base_med / mm,
         "interleaved_floor_s_per_iter": between["median"],
         "kmeans_gd_over_interleaved_floor": base_med / between["median"],
+        "kmeans_gd_tasks_over_matmul_floor": tasks["median"] / mm,
+        "kmeans_gd_tasks_over_interleaved_floor": tasks["median"] / between["median"],
     }
     if "scikit-learn" in results:
         checks["kmeans_gd_over_sklearn"] = base_med / statistics.median(
