@@ -81,6 +81,7 @@ def check_fit_inputs(
     dataset = parquet_io.open_parquet(
         input, features=features, id_column=id_column, weight_column=weight_column, dtype=dtype
     )
+    parquet_io.check_output_apart(output, input, dataset)
     try:
         validate_n_clusters(k, dataset.n_rows)
     except ValueError as exc:

@@ -26,6 +26,7 @@ def check_predict_inputs(
     parquet_io.check_output_free(output, overwrite=overwrite)
     saved = read_model(model)
     dataset = parquet_io.open_parquet(input, features=list(saved.features), dtype=saved.dtype)
+    parquet_io.check_output_apart(output, input, dataset, keep=[("model", saved.path)])
     return saved, dataset
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "OutputExistsError",
     "ParquetDataset",
     "atomic_output_dir",
+    "check_output_apart",
     "check_output_free",
     "iter_labelled_batches",
     "labelled_file_name",
@@ -175,13 +176,18 @@ def _resolve_files(source: str | os.PathLike[str]) -> tuple[Any, list[str]]:
         files = sorted(
             p
             for p in fs.find(path)
-            if p.endswith((".parquet", ".parq", ".pq"))
-            and not any(part.startswith((".", "_")) for part in p[len(path) :].split("/"))
+            if p.endswith((".parquet", ".parq", ".pq")) and not _hidden(p[len(path) :])
         )
         if not files:
             raise InputError(f"input '{text}' is a directory with no .parquet files in it.")
         return fs, files
     return fs, [path]
+
+
+def _hidden(relative: str) -> bool:
+    """Whether a path below a dataset directory is skipped when listing it (a part named
+    ``.*`` or ``_*``, as pyarrow, Spark and Hive skip them: temporary and metadata files)."""
+    return any(part.startswith((".", "_")) for part in relative.split("/"))
 
 
 def _common_root(files: Sequence[str]) -> str:
@@ -644,6 +650,46 @@ def check_output_free(output: str | os.PathLike[str], *, overwrite: bool) -> Non
         raise OutputExistsError(
             f"output '{os.fspath(output)}' already exists; pass --overwrite to replace it."
         )
+
+
+def check_output_apart(
+    output: str | os.PathLike[str],
+    source: str | os.PathLike[str],
+    dataset: ParquetDataset,
+    *,
+    keep: Sequence[tuple[str, str | os.PathLike[str]]] = (),
+) -> None:
+    """Refuse an output that would destroy the input or be read back as input.
+
+    An output that is, or holds, an input file would delete it when replaced (``--overwrite``);
+    an output inside an input directory would be listed as input by the next run over that
+    directory, unless a part of its path below it is named ``.*`` or ``_*``. ``keep``: other
+    files the run reads, as (what, path), that the output must not hold (a model to apply).
+    Only local inputs can overlap the output, which is always local.
+    """
+    if not isinstance(dataset.fs, LocalFileSystem):
+        return
+    out = os.path.realpath(os.fspath(output))
+
+    def holds(path: str) -> bool:
+        path = os.path.realpath(path)
+        return path == out or path.startswith(out + os.sep)
+
+    for what, path in [("input file", f) for f in dataset.files] + list(keep):
+        if holds(os.fspath(path)):
+            raise InputError(
+                f"output '{os.fspath(output)}' holds the {what} '{os.fspath(path)}';"
+                " replacing the output would delete it. Choose an output outside the input."
+            )
+    _, root = fsspec.core.url_to_fs(os.fspath(source))
+    if os.path.isdir(root):
+        below = os.path.relpath(out, os.path.realpath(root)).replace(os.sep, "/")
+        if below != ".." and not below.startswith("../") and not _hidden(below):
+            raise InputError(
+                f"output '{os.fspath(output)}' is inside the input directory"
+                f" '{os.fspath(source)}', so the next run over it would read the labels as"
+                " input; choose an output outside it (or below a directory named '_*')."
+            )
 
 
 def labelled_file_name(path: str, root: str | None = None) -> str:

@@ -375,6 +375,22 @@ def case_output_exists(ctx: Ctx) -> list[Any]:
     return _fit(_two_files(ctx), ctx, "-k", 2)
 
 
+def case_output_is_input(ctx: Ctx) -> list[Any]:
+    data = _two_files(ctx)
+    return ["fit", data, data, "-k", 2, "--overwrite"]
+
+
+def case_input_inside_output(ctx: Ctx) -> list[Any]:
+    ctx.out.mkdir()
+    data = _two_files(ctx).rename(ctx.out / "data")
+    return ["fit", data, ctx.out, "-k", 2, "--overwrite"]
+
+
+def case_output_inside_input(ctx: Ctx) -> list[Any]:
+    data = _two_files(ctx)
+    return ["fit", data, data / "labels", "-k", 2]
+
+
 def case_bad_step(ctx: Ctx) -> list[Any]:
     return _fit(_two_files(ctx), ctx, "-k", 2, "--step", "sideways")
 
@@ -435,6 +451,13 @@ def case_predict_feature_absent(ctx: Ctx) -> list[Any]:
     return ["predict", model, _two_files(ctx), ctx.out]
 
 
+def case_predict_output_holds_model(ctx: Ctx) -> list[Any]:
+    ctx.out.mkdir()
+    model = ctx.out / "model.json"
+    model.write_text(json.dumps({"features": ["x0", "x1"], "centers": [[0, 0], [1, 1]]}))
+    return ["predict", ctx.out, _two_files(ctx), ctx.out, "--overwrite"]
+
+
 BAD_INPUTS: list[Any] = [
     pytest.param(case_missing_input, ["no-such-data"], id="missing-input"),
     pytest.param(case_no_parquet_files, ["csvs"], id="no-parquet-files"),
@@ -452,6 +475,16 @@ BAD_INPUTS: list[Any] = [
     pytest.param(case_k_zero, [r"\bk\b"], id="k-zero"),
     pytest.param(case_k_above_rows, [r"\bk\b", "80"], id="k-above-rows"),
     pytest.param(case_output_exists, ["out", "--overwrite"], id="output-exists"),
+    pytest.param(
+        case_output_is_input, ["holds the input file", "part-0.parquet"], id="output-is-input"
+    ),
+    pytest.param(
+        case_input_inside_output, ["holds the input file", "out/data"], id="input-inside-output"
+    ),
+    pytest.param(
+        case_output_inside_input, ["data/labels", "inside the input directory"],
+        id="output-inside-input",
+    ),
     pytest.param(case_bad_step, ["step"], id="bad-step"),
     pytest.param(case_bad_dtype, ["dtype"], id="bad-dtype"),
     pytest.param(case_negative_tol, ["tol"], id="negative-tol"),
@@ -472,6 +505,10 @@ BAD_INPUTS: list[Any] = [
     pytest.param(case_zero_oversampling, ["oversampling"], id="zero-oversampling"),
     pytest.param(case_predict_missing_model, ["no-model"], id="predict-missing-model"),
     pytest.param(case_predict_feature_absent, ["'width'"], id="predict-feature-absent"),
+    pytest.param(
+        case_predict_output_holds_model, ["holds the model", "model.json"],
+        id="predict-output-holds-model",
+    ),
 ]
 
 

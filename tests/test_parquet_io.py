@@ -500,6 +500,64 @@ def test_atomic_output_dir_overwrite(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("source", "output", "error"),
+    [
+        ("data", "data", "holds the input file '.*part-0.parquet'"),
+        ("data", ".", "holds the input file '.*part-0.parquet'"),
+        ("data", "data/sub", "holds the input file '.*part-1.parquet'"),
+        ("one.parquet", "one.parquet", "holds the input file '.*one.parquet'"),
+        ("data", "data/out", "inside the input directory 'data'"),
+        ("data", "data/sub/out", "inside the input directory"),
+        ("link", "data/out", "inside the input directory 'link'"),
+        ("data", "link/out", "inside the input directory 'data'"),
+        ("data", "data/_out", None),  # skipped when the directory is listed
+        ("data", "data/.out", None),
+        ("data", "dat", None),
+        ("data", "data-labels", None),
+        ("data/*.parquet", "data/out", None),
+        ("one.parquet", "out", None),
+    ],
+)
+def test_check_output_apart(
+    source: str, output: str, error: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_parquet(tmp_path / "data" / "part-0.parquet", _X(3))
+    write_parquet(tmp_path / "data" / "sub" / "part-1.parquet", _X(3))
+    write_parquet(tmp_path / "one.parquet", _X(3))
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    ds = open_parquet(source)
+    if error is None:
+        parquet_io.check_output_apart(output, source, ds)
+    else:
+        with pytest.raises(InputError, match=error):
+            parquet_io.check_output_apart(output, source, ds)
+
+
+def test_check_output_apart_messages_and_kept_files(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_parquet(data / "part-0.parquet", _X(3))
+    ds = open_parquet(data)
+    with pytest.raises(InputError) as info:
+        parquet_io.check_output_apart(data, data, ds)
+    assert str(info.value) == (
+        f"output '{data}' holds the input file '{data / 'part-0.parquet'}'; replacing the output"
+        " would delete it. Choose an output outside the input."
+    )
+    with pytest.raises(InputError) as info:
+        parquet_io.check_output_apart(data / "out", data, ds)
+    assert str(info.value) == (
+        f"output '{data / 'out'}' is inside the input directory '{data}', so the next run over"
+        " it would read the labels as input; choose an output outside it (or below a directory"
+        " named '_*')."
+    )
+    model = tmp_path / "fitted" / "model.json"
+    with pytest.raises(InputError, match=f"holds the model '{re.escape(str(model))}'"):
+        parquet_io.check_output_apart(tmp_path / "fitted", data, ds, keep=[("model", model)])
+    parquet_io.check_output_apart(tmp_path / "labels", data, ds, keep=[("model", model)])
+
+
+@pytest.mark.parametrize(
     ("path", "name"),
     [
         ("/data/a.parquet", "a.parquet"),
