@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -300,6 +302,19 @@ _COMMANDS = {
 }  # fmt: skip
 
 
+class _Terminated(BaseException):
+    """SIGTERM (``kill``, ``timeout``, a scheduler stopping the job), raised in the main thread
+    so that the run unwinds as on Ctrl-C: the flow run is marked crashed, the embedded cluster
+    stops, a partial output is removed and the checkpoint kept. Left to the default action,
+    the signal ended the process at once and its temporary Prefect server, stopped by
+    Prefect at exit, kept running. Prefect's flow engine takes SIGTERM during a flow run and
+    re-sends it to the handler it found: this one."""
+
+
+def _raise_terminated(signum: int, frame: object) -> NoReturn:
+    raise _Terminated
+
+
 def _quiet_libraries() -> None:
     for name in ("distributed", "bokeh", "tornado", "asyncio"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -321,6 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.cluster import ClusterConnectionError
     from pipeline.parquet_io import InputError
 
+    # serving handles SIGTERM itself (it pauses its deployments)
+    terminable = args.command != "serve" and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if terminable else None
     try:
         return _COMMANDS[args.command](args)
     except (InputError, _UsageError, ClusterConnectionError, FileExistsError) as exc:
@@ -332,7 +350,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kmeans-gd: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("kmeans-gd: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     finally:
+        if terminable:
+            signal.signal(signal.SIGTERM, previous)
         _close_progress()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from pipeline.checkpoint import (
@@ -130,6 +132,45 @@ def test_killed_run_resumes_and_matches_uninterrupted(
     np.testing.assert_array_equal(np.array(a["centers"]), np.array(b["centers"]))
     assert a["inertia"] == b["inertia"]
     assert [r["loss"] for r in a["history"]] == [r["loss"] for r in b["history"]]
+
+
+def test_terminated_run_stops_everything_it_started_and_keeps_the_checkpoint(
+    slow_data: Path, tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    """SIGTERM to the command alone (as ``kill`` or ``timeout`` send it), with no Prefect
+    server configured: the temporary server, the Dask workers and the rest of the process
+    tree stop with the run, which exits 143 with one line on stderr."""
+    own_server = {key: value for key, value in cli_env.items() if key != "PREFECT_API_URL"}
+    out = tmp_path / "terminated"
+    log = tmp_path / "terminated.log"
+    started: list[psutil.Process] = []
+    with open(log, "w") as stdout:
+        proc = subprocess.Popen(
+            _fit_command(slow_data, out, "--max-iter", "200"), env=own_server, stdout=stdout,
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 240
+            while "iteration 2 " not in log.read_text():
+                assert proc.poll() is None, f"run ended before it could be stopped:\n{log.read_text()}"
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+            started = psutil.Process(proc.pid).children(recursive=True)
+            assert any("uvicorn" in " ".join(p.cmdline()) for p in started), "no temporary server"
+            proc.send_signal(signal.SIGTERM)
+            stderr = proc.communicate(timeout=120)[1]
+            _, alive = psutil.wait_procs(started, timeout=15)
+        finally:  # nothing left behind when the test fails
+            for child in [*started, psutil.Process(proc.pid)] if proc.poll() is None else started:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr == "kmeans-gd: terminated\n"
+    assert alive == [], [p.cmdline() for p in alive]
+    assert sorted(os.listdir(tmp_path)) == ["terminated.checkpoint.json", "terminated.log"]
+    saved = json.loads(Path(checkpoint_path(out)).read_text())
+    assert 2 <= saved["state"]["iteration"] < 200
 
 
 def test_checkpoint_from_other_data_refused(
