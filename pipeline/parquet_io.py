@@ -623,7 +623,7 @@ def atomic_output_dir(output: str | os.PathLike[str], *, overwrite: bool = False
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
         raise
     if not os.path.lexists(final):
         os.rename(tmp, final)
@@ -642,6 +642,18 @@ def atomic_output_dir(output: str | os.PathLike[str], *, overwrite: bool = False
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.remove(old)
+
+
+def _discard(tmp: str) -> None:
+    """Remove a temporary output whose writers may still be running: a failed pass leaves its
+    other tasks running to their end on the workers. Renamed first, so that no writer can add
+    a file to it once its removal starts (writers never create their output directory)."""
+    aside = f"{tmp}-failed"
+    try:
+        os.rename(tmp, aside)
+    except OSError:
+        aside = tmp
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def check_output_free(output: str | os.PathLike[str], *, overwrite: bool) -> None:
@@ -714,9 +726,16 @@ class LabelledFileWriter:
             [dataset.schema.field(n) for n in columns]
             + [pa.field("cluster", pa.int32()), pa.field("distance", pa.float64())]
         )
-        name = labelled_file_name(dataset.files[file_index], _common_root(dataset.files))
-        self.path = os.path.join(out_dir, *name.split("/"))
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        parts = labelled_file_name(dataset.files[file_index], _common_root(dataset.files))
+        *subdirectories, name = parts.split("/")
+        directory = out_dir
+        # one level at a time below out_dir, never out_dir itself: a task still running after
+        # its pass failed must not bring back the output directory that the failure removed
+        for part in subdirectories:
+            directory = os.path.join(directory, part)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(directory)
+        self.path = os.path.join(directory, name)
         self._writer: pq.ParquetWriter | None = None
         self._rows = 0
 

@@ -17,6 +17,7 @@ from pipeline import parquet_io
 from pipeline.parquet_io import (
     Chunk,
     InputError,
+    LabelledFileWriter,
     OutputExistsError,
     atomic_output_dir,
     labelled_file_name,
@@ -497,6 +498,24 @@ def test_atomic_output_dir_overwrite(tmp_path: Path) -> None:
         assert (out / "old.txt").exists()  # replaced only once the block succeeds
     assert os.listdir(out) == ["new.txt"]
     assert _siblings(out) == ["out"]
+
+
+def test_writers_left_running_after_a_failure_leave_nothing(tmp_path: Path) -> None:
+    """When a pass fails, its other tasks run on to their end: one that was writing, and one
+    that starts writing after the temporary output was removed (partitioned: a subdirectory)."""
+    write_parquet(tmp_path / "in" / "day=1" / "a.parquet", _X(4))
+    write_parquet(tmp_path / "in" / "day=2" / "a.parquet", _X(4))
+    ds = open_parquet(tmp_path / "in")
+    out = tmp_path / "out"
+    rows = pa.table({"id": np.arange(4)}).select([])
+    with pytest.raises(RuntimeError, match="a task failed"), atomic_output_dir(out) as tmp:
+        writing = LabelledFileWriter(ds, 0, tmp).__enter__()
+        raise RuntimeError("a task failed")
+    writing.write(rows, np.zeros(4, dtype=np.int32), np.zeros(4))
+    writing.__exit__(None, None, None)
+    with pytest.raises(FileNotFoundError):
+        LabelledFileWriter(ds, 1, tmp)
+    assert sorted(os.listdir(tmp_path)) == ["in"]
 
 
 @pytest.mark.parametrize(
