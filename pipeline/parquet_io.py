@@ -306,11 +306,15 @@ def open_parquet(
     schema = footers[0].schema.to_arrow_schema()
     for path, meta in zip(files[1:], footers[1:], strict=True):
         other = meta.schema.to_arrow_schema()
-        if not other.equals(schema, check_metadata=False):
+        difference = _schema_difference(schema, other)
+        if difference:
             raise InputError(
-                f"file '{path}' has a different schema from '{files[0]}':"
-                f" {_schema_difference(schema, other)}."
+                f"file '{path}' has a different schema from '{files[0]}': {difference}."
             )
+        schema = pa.schema(
+            [f.with_nullable(f.nullable or other.field(f.name).nullable) for f in schema],
+            metadata=schema.metadata,
+        )
     for role, name in (("id_column", id_column), ("weight_column", weight_column)):
         if name is not None and name not in schema.names:
             raise InputError(
@@ -343,6 +347,9 @@ def open_parquet(
 
 
 def _schema_difference(expected: pa.Schema, got: pa.Schema) -> str:
+    """What keeps a file of schema ``got`` out of a dataset of schema ``expected`` (empty:
+    nothing). Columns are read by name, so their order and whether they are declared nullable
+    do not matter (nulls in a feature are refused when it is read)."""
     missing = [n for n in expected.names if n not in got.names]
     extra = [n for n in got.names if n not in expected.names]
     if missing or extra:
@@ -351,7 +358,7 @@ def _schema_difference(expected: pa.Schema, got: pa.Schema) -> str:
         other = got.field(field.name)
         if field.type != other.type:
             return f"column '{field.name}' is {other.type}, expected {field.type}"
-    return f"columns in a different order: {got.names}"
+    return ""
 
 
 #: How long (ms) jemalloc keeps freed pages for reuse before returning them to the system.
