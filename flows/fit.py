@@ -119,6 +119,10 @@ def _tell(logger: Any, line: str | None, notes: Sequence[str] = ()) -> None:
         progress_logger.info(note)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _batch_line(report: MinibatchReport) -> str:
     rec = report.record
     return (
@@ -206,10 +210,8 @@ def kmeans_fit(
         method = resolve_init(init, dataset.n_rows, k)
         if warm_start is not None:
             n_init = 1
-        logger.info(
-            "input %s: %d rows in %d files, %d chunks, features %s",
-            input, dataset.n_rows, len(dataset.files), len(dataset.chunks), ", ".join(dataset.features),
-        )  # fmt: skip
+        _tell(logger, f"input {input}: {_count(dataset.n_rows, 'row')} in"
+                      f" {_count(len(dataset.files), 'file')}, features {', '.join(dataset.features)}")  # fmt: skip
 
         checkpoint_file = checkpoint.checkpoint_path(output)
         checkpoint_key = {"data": dataset.fingerprint()} | {
@@ -223,7 +225,8 @@ def kmeans_fit(
             dataset = dataset.rechunked(chunk_bytes_for(worker_memory_per_thread(client)), dtype)
             data = data_from_parquet(dataset, dtype)
             persist, why = choose_cache(data.nbytes, workers_memory_limit(client), cache)
-            logger.info("data cache: %s (%s)", "memory" if persist else "streamed from Parquet", why)
+            where = "held in the workers' memory" if persist else "streamed from Parquet every pass"
+            _tell(logger, f"data: {_count(len(dataset.chunks), 'chunk')}, {where} ({why})")
             if persist:
                 data = data.persist()
 
@@ -235,7 +238,7 @@ def kmeans_fit(
                 )  # fmt: skip
                 state = FitState.start(centers)
                 source = f" from {init}" if warm_start is not None else ""
-                logger.info("initialised %d restart(s) with %s%s in %.2f s", n_init, method, source, time.perf_counter() - t0)
+                _tell(logger, f"initialised {n_init} restart(s) with {method}{source} in {time.perf_counter() - t0:.2f} s")
             else:
                 _tell(logger, f"resuming from {checkpoint_file} after iteration {state.iteration}")
             init_seconds = time.perf_counter() - t0

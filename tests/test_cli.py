@@ -116,7 +116,13 @@ def test_fit_end_to_end(
     assert pq.read_schema(output / "labels" / files[0].name).names == ["id", "cluster", "distance"]
 
     lines = proc.stdout.splitlines()
+    # what was chosen, before the first iteration
+    assert lines[0] == f"input {generated}: 3000 rows in 3 files, features x0, x1, x2"
+    assert re.fullmatch(r"data: 3 chunks, held in the workers' memory \(data 0\.0 MiB fits in 50% of"
+                        r" the workers' \d+ MiB\)", lines[1]), lines[1]  # fmt: skip
+    assert re.fullmatch(r"initialised 1 restart\(s\) with k-means\+\+ in [\d.]+ s", lines[2])
     iterations = [m for m in map(ITERATION_LINE.match, lines) if m]
+    assert lines.index(iterations[0].string) == 3
     assert [int(m["n"]) for m in iterations] == list(range(1, model["n_iter"] + 1)), proc.stdout
     for m, record in zip(iterations, model["history"], strict=True):
         assert float(m["loss"]) == pytest.approx(record["loss"], rel=1e-5)
