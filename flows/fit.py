@@ -7,6 +7,7 @@ gets the parameters, the logs of every iteration and the final outputs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -191,7 +192,7 @@ def kmeans_fit(
         overwrite: Replace an existing output.
         resume: Resume from the checkpoint of an interrupted run with the same data and parameters.
     """
-    with retry_only_transient_failures():
+    with retry_only_transient_failures(), contextlib.ExitStack() as held:
         logger = get_run_logger()
         started = time.perf_counter()
         parameters = {
@@ -205,6 +206,7 @@ def kmeans_fit(
             input, output, k, features=features, id_column=id_column, weight_column=weight_column,
             dtype=dtype, overwrite=overwrite, init=init, step=step, n_init=n_init,
         )  # fmt: skip
+        held.enter_context(parquet_io.output_lock(output))  # to the end: the output and its checkpoint
         minibatch = step == "minibatch"
         step_rule = None if minibatch else make_step_rule(step, learning_rate=learning_rate, alpha=alpha)
         method = resolve_init(init, dataset.n_rows, k)

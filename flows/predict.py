@@ -60,7 +60,7 @@ def kmeans_predict(
             saved.path, len(saved.centers), ", ".join(saved.features), dataset.n_rows,
             len(dataset.files),
         )  # fmt: skip
-        with dask_client(to_cluster_spec(cluster)) as client:
+        with parquet_io.output_lock(output), dask_client(to_cluster_spec(cluster)) as client:
             del client  # computations use the client as Dask's default scheduler
             with parquet_io.atomic_output_dir(output, overwrite=overwrite) as tmp:
                 stats = label_files(dataset, saved.centers, tmp, saved.dtype)

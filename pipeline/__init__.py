@@ -7,7 +7,13 @@ from .estimator import KMeans, initial_centers
 from .fit import FitResult, FitState, IterationReport, fit_means
 from .kernel import ChunkStats, assign_labels, chunk_stats
 from .optimizer import make_step_rule
-from .parquet_io import InputError, OutputExistsError, ParquetDataset, open_parquet
+from .parquet_io import (
+    InputError,
+    OutputExistsError,
+    OutputLockedError,
+    ParquetDataset,
+    open_parquet,
+)
 from .passes import DaskData, data_from_array, data_from_parquet, label_files, stats_pass
 
 __all__ = [
@@ -19,6 +25,7 @@ __all__ = [
     "IterationReport",
     "KMeans",
     "OutputExistsError",
+    "OutputLockedError",
     "ParquetDataset",
     "assign_labels",
     "chunk_stats",

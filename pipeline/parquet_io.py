@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import os
 import posixpath
@@ -32,6 +33,7 @@ __all__ = [
     "InputError",
     "LabelledFileWriter",
     "OutputExistsError",
+    "OutputLockedError",
     "ParquetDataset",
     "atomic_output_dir",
     "check_output_apart",
@@ -39,6 +41,7 @@ __all__ = [
     "iter_labelled_batches",
     "labelled_file_name",
     "open_parquet",
+    "output_lock",
     "read_chunk",
 ]
 
@@ -60,6 +63,10 @@ class InputError(ValueError):
 
 class OutputExistsError(InputError, FileExistsError):
     """The output path already exists and overwriting was not asked for."""
+
+
+class OutputLockedError(InputError):
+    """Another run is writing the same output."""
 
 
 @dataclass(frozen=True)
@@ -661,6 +668,39 @@ def _discard(tmp: str) -> None:
     except OSError:
         aside = tmp
     shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def output_lock(output: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold ``output`` for one run: a second run writing it (an overlapping scheduled job) is
+    refused at once, instead of resuming from the first one's checkpoint and replacing its
+    output. The lock is the kernel's (``flock``) on a hidden sibling file, so it is released
+    when the run's process ends, however it ends."""
+    final = os.path.abspath(os.fspath(output))
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    path = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputLockedError(
+                f"output '{os.fspath(output)}' is being written by another run (it holds"
+                f" '{path}'); wait for that run to end."
+            ) from None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the run that held it removed it after we opened it: take the new one
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        os.close(fd)
 
 
 def check_output_free(output: str | os.PathLike[str], *, overwrite: bool) -> None:

@@ -7,6 +7,7 @@ end-to-end fit and the NaN refusal use the embedded LocalCluster, as a user's de
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -24,6 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from test_flows import check_fit_output, check_labels_dir
+
+from pipeline import parquet_io
 
 KMEANS_GD = shutil.which("kmeans-gd", path=os.path.dirname(sys.executable)) or "kmeans-gd"
 
@@ -397,6 +400,17 @@ def case_output_inside_input(ctx: Ctx) -> list[Any]:
     return ["fit", data, data / "labels", "-k", 2]
 
 
+#: Output locks that cases hold in this process while their runs are refused.
+_HELD_LOCKS: list[contextlib.AbstractContextManager[None]] = []
+
+
+def case_output_locked(ctx: Ctx) -> list[Any]:
+    lock = parquet_io.output_lock(ctx.out)  # another run writing the same output
+    lock.__enter__()
+    _HELD_LOCKS.append(lock)
+    return _fit(_two_files(ctx), ctx, "-k", 2)
+
+
 def case_bad_step(ctx: Ctx) -> list[Any]:
     return _fit(_two_files(ctx), ctx, "-k", 2, "--step", "sideways")
 
@@ -491,6 +505,10 @@ BAD_INPUTS: list[Any] = [
         case_output_inside_input, ["data/labels", "inside the input directory"],
         id="output-inside-input",
     ),
+    pytest.param(
+        case_output_locked, ["'.*/out' is being written by another run", r"/\.out\.lock'"],
+        id="output-locked",
+    ),
     pytest.param(case_bad_step, ["step"], id="bad-step"),
     pytest.param(case_bad_dtype, ["dtype"], id="bad-dtype"),
     pytest.param(case_negative_tol, ["tol"], id="negative-tol"),
@@ -552,7 +570,10 @@ def bad_runs(
     with ThreadPoolExecutor(max_workers=4) as pool:
         procs = {name: pool.submit(run, args, env, root) for name, root, args, env in jobs}
         results = {name: future.result() for name, future in procs.items()}
-    return {name: BadRun(results[name], befores[name], _tree(root)) for name, root, _, _ in jobs}
+    runs = {name: BadRun(results[name], befores[name], _tree(root)) for name, root, _, _ in jobs}
+    while _HELD_LOCKS:
+        _HELD_LOCKS.pop().__exit__(None, None, None)
+    return runs
 
 
 @pytest.mark.parametrize(("build", "names"), BAD_INPUTS)
@@ -569,7 +590,8 @@ def test_bad_input_is_one_error_line_exit_2_and_nothing_written(
     for name in names:
         assert re.search(name, lines[0]), (name, lines[0])
     assert proc.returncode == 2, proc.stderr
-    assert proc.stdout == "", proc.stdout
+    # a run refused once started (bad values found by reading the rows) has said what it read
+    assert all(re.match(r"(input .*|data): ", line) for line in proc.stdout.splitlines()), proc.stdout
     # No OUTPUT, no temporary sibling, no checkpoint; an existing OUTPUT is left as it was.
     assert result.after == result.before
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -528,6 +530,46 @@ def test_atomic_output_dir_overwrite(tmp_path: Path) -> None:
         assert (out / "old.txt").exists()  # replaced only once the block succeeds
     assert os.listdir(out) == ["new.txt"]
     assert _siblings(out) == ["out"]
+
+
+def test_output_lock_refuses_a_second_run_until_the_first_ends(tmp_path: Path) -> None:
+    out = tmp_path / "deep" / "out"
+    lock = tmp_path / "deep" / ".out.lock"
+    with parquet_io.output_lock(out):
+        assert lock.exists()
+        with pytest.raises(parquet_io.OutputLockedError) as info, parquet_io.output_lock(out):
+            pytest.fail("the block must not run")  # pragma: no cover
+        assert isinstance(info.value, InputError)
+        assert str(info.value) == (
+            f"output '{out}' is being written by another run (it holds '{lock}');"
+            " wait for that run to end."
+        )
+        with parquet_io.output_lock(tmp_path / "deep" / "other"):  # another output: free
+            pass
+    assert os.listdir(tmp_path / "deep") == []
+    with parquet_io.output_lock(out):
+        pass
+
+
+def test_output_lock_of_a_killed_run_is_free(tmp_path: Path) -> None:
+    """The kernel releases the lock of a process that ends without cleaning up."""
+    out = tmp_path / "out"
+    hold = (
+        "import sys, time; from pipeline import parquet_io\n"
+        "with parquet_io.output_lock(sys.argv[1]):\n print('held', flush=True); time.sleep(600)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(parquet_io.OutputLockedError):
+            parquet_io.output_lock(out).__enter__()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (tmp_path / ".out.lock").exists()  # left behind, and not held
+    with parquet_io.output_lock(out):
+        pass
+    assert os.listdir(tmp_path) == []
 
 
 def test_writers_left_running_after_a_failure_leave_nothing(tmp_path: Path) -> None:
