@@ -217,7 +217,9 @@ def _select_features(
     exclude: set[str],
 ) -> tuple[str, ...]:
     if features is None:
-        chosen = tuple(f.name for f in schema if _is_numeric(f) and f.name not in exclude)
+        # nor the columns this package writes: relabelling a labelled file replaces them
+        skip = exclude | set(OUTPUT_COLUMNS)
+        chosen = tuple(f.name for f in schema if _is_numeric(f) and f.name not in skip)
         if not chosen:
             raise InputError(
                 f"file '{path}' has no numeric feature columns"
@@ -290,7 +292,7 @@ def open_parquet(
         A Parquet file, a directory of them, or a glob; local or any fsspec URI.
     features : sequence of str, optional
         Feature columns. By default every integer or floating column except the id and weight
-        columns, in schema order.
+        columns and the labelled output's ``cluster`` and ``distance``, in schema order.
     id_column, weight_column : str, optional
         Columns excluded from the default features. The weight column holds sample weights.
     dtype : {"float32", "float64"}

@@ -204,6 +204,12 @@ def test_default_features_are_numeric_columns_minus_id_and_weight(tmp_path: Path
     assert ds.id_column == "id" and ds.weight_column == "w"
     # without roles every integer or floating column is a feature, in schema order
     assert open_parquet(tmp_path / "m.parquet").features == ("id", "a", "w", "b", "c")
+    # but never the columns of a labelled output, unless named
+    labelled = _mixed_table().append_column("cluster", pa.array(np.zeros(6, np.int32)))
+    pq.write_table(labelled.append_column("distance", pa.array(np.zeros(6))), tmp_path / "l.parquet")
+    assert open_parquet(tmp_path / "l.parquet").features == ("id", "a", "w", "b", "c")
+    named = open_parquet(tmp_path / "l.parquet", features=["a", "cluster"])
+    assert named.features == ("a", "cluster")
 
 
 def test_feature_selection(tmp_path: Path) -> None:
