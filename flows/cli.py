@@ -304,8 +304,8 @@ _COMMANDS = {
 
 class _Terminated(BaseException):
     """SIGTERM (``kill``, ``timeout``, a scheduler stopping the job), raised in the main thread
-    so that the run unwinds as on Ctrl-C: the flow run is marked crashed, the embedded cluster
-    stops, a partial output is removed and the checkpoint kept. Left to the default action,
+    so that the run unwinds as on Ctrl-C: the embedded cluster stops, a partial output is
+    removed and the checkpoint kept. Left to the default action,
     the signal ended the process at once and its temporary Prefect server, stopped by
     Prefect at exit, kept running. Prefect's flow engine takes SIGTERM during a flow run and
     re-sends it to the handler it found: this one."""
