@@ -235,7 +235,8 @@ def kmeans_fit(
             t0 = time.perf_counter()
             if state is None:
                 centers = initial_centers(
-                    data, k, init=method if warm_start is None else warm_start, n_init=n_init,
+                    # means are fitted in the frame of the rows read: less the dataset's origin
+                    data, k, init=method if warm_start is None else warm_start - dataset.origin, n_init=n_init,
                     seed=seed, oversampling=oversampling, rounds=init_rounds,
                 )  # fmt: skip
                 state = FitState.start(centers)
@@ -280,7 +281,7 @@ def kmeans_fit(
                     result.restarts[0]["inertia"] = result.inertia
                 summary = {
                     "features": list(dataset.features),
-                    "centers": result.centers,
+                    "centers": result.centers + dataset.origin,
                     "inertia": result.inertia,
                     "n_iter": result.n_iter,
                     "converged": result.converged,

@@ -63,7 +63,8 @@ def kmeans_predict(
         with parquet_io.output_lock(output), dask_client(to_cluster_spec(cluster)) as client:
             del client  # computations use the client as Dask's default scheduler
             with parquet_io.atomic_output_dir(output, overwrite=overwrite) as tmp:
-                stats = label_files(dataset, saved.centers, tmp, saved.dtype)
+                # in the frame of the rows read
+                stats = label_files(dataset, saved.centers - dataset.origin, tmp, saved.dtype)
         logger.info("labelled %d rows; inertia %.6g; outputs in %s", dataset.n_rows, stats.loss[0], output)
         return {
             "output": os.path.abspath(output),

@@ -947,10 +947,11 @@ def _row_sq_norms(X, out):  # pragma: no cover
 
 
 @numba.njit(nogil=True, cache=True)
-def _gather_rows32(addrs, out, check):  # pragma: no cover
-    """``out[i, j] = column j at row i`` (columns: float32 arrays at ``addrs``), by 16 x 16
-    blocks in registers; with ``check``, returns the first column holding NaN or an infinity
-    (-1: none), looked for block by block while the block's rows are in cache."""
+def _gather_rows32(addrs, out, check, origin):  # pragma: no cover
+    """``out[i, j] = column j at row i - origin[j]`` (columns: float32 arrays at ``addrs``;
+    ``origin`` float32, empty: none), by 16 x 16 blocks in registers; with ``check``, returns
+    the first column holding NaN or an infinity (-1: none), looked for block by block while
+    the block's rows are in cache, where the origin is subtracted too."""
     m, d = out.shape
     full_c = d // 16 * 16
     acc = np.zeros(d, dtype=np.float32)
@@ -972,6 +973,10 @@ def _gather_rows32(addrs, out, check):  # pragma: no cover
             for i in range(lo, hi):
                 for c in range(d):
                     acc[c] += out[i, c] - out[i, c]
+        if origin.shape[0] > 0:
+            for i in range(lo, hi):
+                for c in range(d):
+                    out[i, c] -= origin[c]
     for c in range(d):
         if acc[c] != 0:
             return c
@@ -979,10 +984,15 @@ def _gather_rows32(addrs, out, check):  # pragma: no cover
 
 
 def columns_to_rows(
-    columns: Sequence[np.ndarray], out: np.ndarray, *, check_finite: bool = False
+    columns: Sequence[np.ndarray],
+    out: np.ndarray,
+    *,
+    check_finite: bool = False,
+    origin: np.ndarray | None = None,
 ) -> int | None:
     """Copy columns (1-D arrays of ``out``'s length, or the rows of a features x rows array)
-    into the rows of ``out`` (rows x features).
+    into the rows of ``out`` (rows x features), less ``origin`` (one value per column, each
+    difference rounded once to ``out``'s dtype).
 
     float32 columns into float32 rows go through the kernel's SIMD 16 x 16 transposition,
     read straight from each column's buffer (a 65536 x 32 Parquet row group: 1.2 ms, where
@@ -1001,12 +1011,21 @@ def columns_to_rows(
     fast = out.dtype == np.float32 and out.flags.c_contiguous and all(
         c.dtype == np.float32 and c.strides[0] == 4 for c in columns
     )
-    if fast and m > 0:
+    if origin is not None and origin.shape != (len(columns),):
+        raise ValueError(f"origin has shape {origin.shape}; expected {(len(columns),)}.")
+    # the float32 path subtracts in float32: exact for values within a factor 2 of an origin
+    # that is a float32 value (Sterbenz), as ParquetDataset's origins are
+    exact32 = origin is None or np.array_equal(origin.astype(np.float32), origin)
+    if fast and exact32 and m > 0:
         addrs = np.array([c.ctypes.data for c in columns], dtype=np.intp)
-        bad = _gather_rows32(addrs, out, check_finite)
+        shift = np.empty(0, np.float32) if origin is None else origin.astype(np.float32)
+        bad = _gather_rows32(addrs, out, check_finite, shift)
         return None if bad < 0 else int(bad)
     for j, c in enumerate(columns):
-        out[:, j] = c
+        if origin is None:
+            out[:, j] = c
+        else:
+            np.subtract(c, origin[j], out=out[:, j], casting="unsafe")
     if not check_finite:
         return None
     finite = np.isfinite(out).all(axis=0)

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import math
 import os
 import posixpath
 import shutil
@@ -86,6 +87,9 @@ class ParquetDataset:
 
     Built by :func:`open_parquet` from the footers only. It is small and picklable, so it
     travels inside the Dask graph.
+
+    Features are read as ``x - origin`` (see ``_origin``): means fitted to the rows read are
+    in that frame, and ``means + origin`` in the data's.
     """
 
     fs: Any  # an fsspec filesystem; picklable, so workers can open the files themselves
@@ -98,6 +102,7 @@ class ParquetDataset:
     weight_column: str | None = None
     footer_digest: str = ""
     row_groups: tuple[tuple[int, ...], ...] = ()  # rows of every row group, per file
+    origin: tuple[float, ...] = ()  # per feature, subtracted from its values as they are read
 
     @property
     def n_rows(self) -> int:
@@ -141,6 +146,7 @@ class ParquetDataset:
             "features": list(self.features),
             "weight_column": self.weight_column,
             "footer_digest": self.footer_digest,
+            "origin": list(self.origin),  # the frame of a checkpoint's means
         }
 
 
@@ -162,6 +168,39 @@ def _footer_digest(footers: Sequence[pq.FileMetaData]) -> str:
                 if stats is not None and stats.has_min_max:
                     digest.update(f"{stats.min!r}:{stats.max!r}:{stats.null_count}".encode())
     return digest.hexdigest()[:32]
+
+
+def _origin(footers: Sequence[pq.FileMetaData], features: Sequence[str]) -> tuple[float, ...]:
+    """Per feature, the value subtracted from it as it is read: the midpoint of its range, from
+    the row groups' statistics, when the values lie farther from zero than they spread; else 0.
+
+    float32 keeps about 7 significant digits. Coordinates such as 512345.6 +- 10 kept only two
+    below their spread, and the distances ``||x||^2 - 2 x.mu + ||mu||^2`` cancelled to noise
+    (8 blobs at an offset of 1e5: inertia 3.5x the optimum's from the optimum's own means);
+    shifted, they keep all seven. The midpoint is a float32 value, so that shifting a float32
+    column is exact. A feature without statistics in some row group is not shifted.
+    """
+    low = dict.fromkeys(features, math.inf)
+    high = dict.fromkeys(features, -math.inf)
+    for meta in footers:
+        columns = {meta.schema.column(i).path: i for i in range(meta.num_columns)}
+        for rg in range(meta.num_row_groups):
+            group = meta.row_group(rg)
+            if group.num_rows == 0:
+                continue
+            for name in features:
+                stats = group.column(columns[name]).statistics
+                if stats is None or not stats.has_min_max or isinstance(stats.min, bytes):
+                    low[name] = math.nan
+                    continue
+                low[name] = min(low[name], stats.min)
+                high[name] = max(high[name], stats.max)
+    origin = []
+    for name in features:
+        mid = float(np.float32((low[name] + high[name]) / 2))
+        spread = high[name] - low[name]
+        origin.append(mid if math.isfinite(mid) and abs(mid) > spread else 0.0)
+    return tuple(origin)
 
 
 def _is_numeric(field: pa.Field) -> bool:
@@ -352,6 +391,7 @@ def open_parquet(
         weight_column=weight_column,
         footer_digest=_footer_digest(footers),
         row_groups=row_groups,
+        origin=_origin(footers, chosen),
     )
 
 
@@ -442,9 +482,14 @@ _FILL_BLOCK_BYTES = 256 << 10
 
 
 def _fill(
-    out: np.ndarray, start: int, table: pa.Table | pa.RecordBatch, columns: Sequence[str]
+    out: np.ndarray,
+    start: int,
+    table: pa.Table | pa.RecordBatch,
+    columns: Sequence[str],
+    origin: Sequence[float] = (),
 ) -> None:
-    """Copy ``table``'s feature columns into rows ``start:`` of the row-major ``out``.
+    """Copy ``table``'s feature columns, less ``origin`` (none if empty), into rows ``start:``
+    of the row-major ``out``.
 
     float32 columns into float32 rows are transposed straight from the columns' Arrow
     buffers by the kernel's SIMD transposition (``kernel.columns_to_rows``), which checks for
@@ -464,8 +509,9 @@ def _fill(
         arrays.append(column.to_numpy())  # no copy: one chunk, no nulls
     n = table.num_rows
     rows = out[start : start + n]
+    shift = np.asarray(origin, dtype=np.float64) if any(origin) else None
     if out.dtype == np.float32 and all(a.dtype == np.float32 for a in arrays):
-        bad = kernel.columns_to_rows(arrays, rows, check_finite=True)
+        bad = kernel.columns_to_rows(arrays, rows, check_finite=True, origin=shift)
     else:
         step = max(1, min(n, _FILL_BLOCK_BYTES // max(out.itemsize * out.shape[1], 1)))
         buffer = np.empty((out.shape[1], step), dtype=out.dtype)
@@ -474,7 +520,10 @@ def _fill(
             hi = min(n, lo + step)
             staged = buffer[:, : hi - lo]
             for j, values in enumerate(arrays):
-                staged[j] = values[lo:hi]
+                if shift is None or not shift[j]:
+                    staged[j] = values[lo:hi]
+                else:  # in the column's type or float64, then rounded once to out's
+                    np.subtract(values[lo:hi], shift[j], out=staged[j], casting="unsafe")
             bad = kernel.columns_to_rows(staged, rows[lo:hi], check_finite=True)
             if bad is not None:
                 break
@@ -565,7 +614,7 @@ def read_chunk(
                     f"file '{chunk.path}' changed while it was read: row group {rg} has more rows than its footer said."
                 )
             try:
-                _fill(X, start, table, dataset.features)
+                _fill(X, start, table, dataset.features, dataset.origin)
             except _NonFinite as bad:
                 raise _non_finite_error(bad, chunk.path) from None
             if weights is not None:
@@ -614,7 +663,7 @@ def iter_labelled_batches(
             if features:
                 X = np.empty((table.num_rows, dataset.n_features), dtype=dtype)
                 try:
-                    _fill(X, 0, table, dataset.features)
+                    _fill(X, 0, table, dataset.features, dataset.origin)
                 except _NonFinite as bad:
                     raise _non_finite_error(bad, path) from None
             weights = _weights(table, dataset, path) if dataset.weight_column is not None else None

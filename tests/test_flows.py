@@ -456,3 +456,41 @@ def test_result_does_not_depend_on_files_and_row_groups(
     np.testing.assert_array_equal(labels[0]["id"].to_numpy(), np.arange(len(X)))
     np.testing.assert_array_equal(labels[1]["id"].to_numpy(), np.arange(len(X)))
     np.testing.assert_array_equal(labels[0]["cluster"].to_numpy(), labels[1]["cluster"].to_numpy())
+
+
+def test_data_far_from_zero_fits_as_float64_does(
+    prefect_harness: None, tmp_path: Path, scheduler: dict[str, str]
+) -> None:
+    """Coordinates such as (500000, 4000000) +- 50 (projected metres), held as float32 (the
+    default): the fit ends on the means, labels and inertia of a float64 NumPy Lloyd from the
+    same means, because every feature is read less its origin; predict labels alike."""
+    rng = np.random.default_rng(5)
+    truth = rng.uniform(-40, 40, size=(5, 2))
+    X = truth[rng.integers(0, 5, 3000)] + rng.normal(0, 3, size=(3000, 2)) + [5e5, 4e6]
+    write_parquet(tmp_path / "in" / "p.parquet", X, row_group_rows=1000)
+    start = truth + [5e5, 4e6] + 4.0
+    init = write_parquet(tmp_path / "init.parquet", start)
+
+    C = start.copy()  # float64 Lloyd, to a fixed point
+    for _ in range(100):
+        labels = ((X[:, None, :] - C[None]) ** 2).sum(axis=2).argmin(axis=1)
+        moved = np.array([X[labels == j].mean(axis=0) for j in range(5)])
+        if np.array_equal(moved, C):
+            break
+        C = moved
+    inertia = ((X - C[labels]) ** 2).sum()
+
+    output = tmp_path / "out"
+    kmeans_fit(input=str(tmp_path / "in"), output=str(output), k=5, init=str(init), tol=0,
+               cluster=scheduler)  # fmt: skip
+    model = json.loads((output / "model.json").read_text())
+    np.testing.assert_allclose(model["centers"], C, rtol=0, atol=1e-4)  # 0.1 mm
+    assert model["inertia"] == pytest.approx(inertia, rel=1e-6)
+    fitted = pq.read_table(output / "labels" / "p.parquet")
+    np.testing.assert_array_equal(fitted["cluster"].to_numpy(), labels)
+    # within the float32 products' rounding of values within 60 of the origin (numpy_distances)
+    np.testing.assert_allclose(fitted["distance"].to_numpy(), ((X - C[labels]) ** 2).sum(axis=1),
+                               rtol=0, atol=16 * np.finfo(np.float32).eps * 2 * 60**2)  # fmt: skip
+    kmeans_predict(model=str(output), input=str(tmp_path / "in"), output=str(tmp_path / "pred"),
+                   cluster=scheduler)  # fmt: skip
+    assert pq.read_table(tmp_path / "pred" / "p.parquet").equals(fitted)

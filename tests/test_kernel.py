@@ -579,6 +579,28 @@ def test_columns_to_rows_converts_other_types() -> None:
     assert kernel.columns_to_rows(columns, out, check_finite=True) == 0
 
 
+@pytest.mark.parametrize("d, m", [(3, 5), (32, 4096 + 7), (37, 53)])
+def test_columns_to_rows_less_an_origin(d: int, m: int) -> None:
+    """Each difference rounded once: exact from float32 columns near a float32 origin (the
+    SIMD path), from float64 columns computed in float64; an origin that is not a float32
+    value takes NumPy's path, rounded once too."""
+    rng = np.random.default_rng(d)
+    near = rng.uniform(-1e6, 1e6, d).astype(np.float32).astype(np.float64)
+    columns = [(near[j] + rng.normal(0, 50, m)).astype(np.float32) for j in range(d)]
+    out = np.empty((m, d), dtype=np.float32)
+    assert kernel.columns_to_rows(columns, out, check_finite=True, origin=near) is None
+    exact = np.column_stack(columns).astype(np.float64) - near
+    np.testing.assert_array_equal(out, exact.astype(np.float32))
+    np.testing.assert_array_equal(out.astype(np.float64), exact)  # no rounding at all
+    wide = [c.astype(np.float64) + 0.001 for c in columns]
+    kernel.columns_to_rows(wide, out, origin=near + 0.1)
+    np.testing.assert_array_equal(out, (np.column_stack(wide) - (near + 0.1)).astype(np.float32))
+    columns[d - 1][m // 2] = np.nan
+    assert kernel.columns_to_rows(columns, out, check_finite=True, origin=near) == d - 1
+    with pytest.raises(ValueError, match=rf"origin has shape \(2,\); expected \({d},\)\."):
+        kernel.columns_to_rows(columns, out, origin=np.zeros(2))
+
+
 def test_columns_to_rows_refuses_other_shapes() -> None:
     with pytest.raises(ValueError, match=r"out has shape \(4, 3\); expected \(5, 3\)\."):
         kernel.columns_to_rows(np.zeros((3, 5), np.float32), np.zeros((4, 3), np.float32))

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -210,6 +211,40 @@ def test_default_features_are_numeric_columns_minus_id_and_weight(tmp_path: Path
     assert open_parquet(tmp_path / "l.parquet").features == ("id", "a", "w", "b", "c")
     named = open_parquet(tmp_path / "l.parquet", features=["a", "cluster"])
     assert named.features == ("a", "cluster")
+
+
+@pytest.mark.parametrize(
+    ("values", "origin"),
+    [
+        ([1e5 + 1, 1e5 + 2, 1e5 + 5], 100003.0),  # far from zero: the midpoint of the range
+        ([-4e6 - 0.3, -4e6 + 0.2, -4e6 + 0.1], float(np.float32(-4e6 - 0.05))),  # a float32
+        ([-3.0, 1.0, 5.0], 0.0),  # around zero
+        ([2.0, 3.0, 6.0], 0.0),  # no farther from zero (4) than it spreads (4)
+        ([7.0, 7.0, 7.0], 7.0),  # constant
+        (np.array([10, 11, 14], dtype=np.int64), 12.0),
+        (np.array([1e5 + 1, 1e5 + 2, 1e5 + 5], dtype=np.float32), 100003.0),
+    ],
+)
+def test_features_far_from_zero_are_read_less_their_origin(
+    tmp_path: Path, values: Any, origin: float
+) -> None:
+    """The origin comes from the footers' statistics over all row groups and files; each
+    value is read as ``x - origin``, rounded once to the dtype."""
+    values = np.asarray(values)
+    table = pa.table({"v": values, "z": np.zeros(3)})
+    (tmp_path / "in").mkdir()
+    pq.write_table(table.slice(0, 2), tmp_path / "in" / "a.parquet", row_group_size=1)
+    pq.write_table(table.slice(2), tmp_path / "in" / "b.parquet")
+    ds = open_parquet(tmp_path / "in")
+    assert ds.origin == (origin, 0.0)
+    assert ds.fingerprint()["origin"] == [origin, 0.0]
+    for dtype in ("float32", "float64"):
+        X = np.concatenate([read_chunk(ds, chunk, dtype)[0] for chunk in ds.chunks])
+        expected = (values.astype(np.float64) - origin).astype(dtype)
+        np.testing.assert_array_equal(X[:, 0], expected)
+    # without statistics in some row group, no origin
+    pq.write_table(table.slice(2), tmp_path / "in" / "b.parquet", write_statistics=False)
+    assert open_parquet(tmp_path / "in").origin == (0.0, 0.0)
 
 
 def test_feature_selection(tmp_path: Path) -> None:
