@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import os
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 
@@ -221,6 +223,13 @@ n_features) or path, default='auto'
     random_state_ : int
         The seed used.
 
+    Notes
+    -----
+    A feature whose values lie farther from zero than they spread is fitted less the midpoint
+    of its range (one more pass over X), as scikit-learn fits X less its mean: in float32 the
+    distances would otherwise lose the digits that tell the means apart
+    (``kernel.origin_from_range``). ``predict`` and ``score`` shift X alike.
+
     Examples
     --------
     >>> import numpy as np
@@ -299,7 +308,9 @@ n_features) or path, default='auto'
         step = self._validate_params()
         data = data_from_array(X, sample_weight)
         validate_n_clusters(self.n_clusters, data.n_rows)
-        data = data.persist()
+        # fitted in the frame of X less its origin (kernel.origin_from_range); one more pass
+        self._origin = kernel.origin_from_range(*dask.compute(data.X.min(axis=0), data.X.max(axis=0)))
+        data = dataclasses.replace(data, X=self._shifted(data.X)).persist()
         seed = (
             int(np.random.SeedSequence().generate_state(1)[0])
             if self.random_state is None
@@ -312,6 +323,8 @@ n_features) or path, default='auto'
             sample_size=self.init_sample_size, oversampling=self.oversampling,
             rounds=self.init_rounds,
         )  # fmt: skip
+        if method not in INIT_METHODS:  # means given in X's frame
+            centers = centers - self._origin
         if step is None:
             result = FitResult.from_minibatch(fit_minibatch(
                 data, centers[0], batch_size=self.batch_size or DEFAULT_BATCH_SIZE,
@@ -330,7 +343,7 @@ n_features) or path, default='auto'
         return self
 
     def _set_result(self, result: FitResult, n_features: int, seed: int) -> None:
-        self.cluster_centers_ = result.centers
+        self.cluster_centers_ = result.centers + self._origin
         self.inertia_ = result.inertia
         self.n_iter_ = result.n_iter
         self.history_ = result.history
@@ -353,10 +366,14 @@ n_features) or path, default='auto'
             X = X.astype(np.float64)
         return X
 
+    def _shifted(self, X: Any) -> Any:
+        """X less the fitted origin, in X's dtype (exact in float32 near the origin)."""
+        return X - self._origin.astype(X.dtype) if self._origin.any() else X
+
     def predict(self, X: Any) -> Any:
         """Index of the nearest mean for each row (a Dask array for Dask input)."""
-        X = self._checked_input(X)
-        centers = self.cluster_centers_
+        X = self._shifted(self._checked_input(X))
+        centers = self.cluster_centers_ - self._origin
         if isinstance(X, da.Array):
             return X.rechunk({1: -1}).map_blocks(
                 lambda block: kernel.assign_labels(block, centers)[0],
@@ -369,6 +386,6 @@ n_features) or path, default='auto'
 
     def score(self, X: Any, y: Any = None, sample_weight: Any = None) -> float:
         """Opposite of the (weighted) inertia of X under the fitted means."""
-        data = data_from_array(self._checked_input(X), sample_weight)
-        stats = stats_pass(data, self.cluster_centers_[None])
+        data = data_from_array(self._shifted(self._checked_input(X)), sample_weight)
+        stats = stats_pass(data, (self.cluster_centers_ - self._origin)[None])
         return -float(stats.loss[0])

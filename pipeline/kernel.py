@@ -50,6 +50,7 @@ __all__ = [
     "chunk_stats",
     "columns_to_rows",
     "combine_stats",
+    "origin_from_range",
     "release_thread_buffers",
     "row_sq_norms",
     "thread_buffer",
@@ -1030,6 +1031,24 @@ def columns_to_rows(
         return None
     finite = np.isfinite(out).all(axis=0)
     return None if finite.all() else int(np.argmin(finite))
+
+
+def origin_from_range(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Per feature of range ``low..high``, the value to subtract from it before a fit: the
+    midpoint, when the values lie farther from zero than they spread, else 0 (also when the
+    range is unknown: NaN).
+
+    float32 keeps about 7 significant digits. Coordinates such as 512345.6 +- 10 keep only two
+    below their spread, and the distances ``||x||^2 - 2 x.mu + ||mu||^2`` cancel to noise (8
+    blobs at an offset of 1e5: 3.5x the optimum's inertia from the optimum's own means);
+    shifted, they keep all seven. The midpoint is a float32 value, so that shifting float32
+    values near it is exact.
+    """
+    low, high = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        mid = ((low + high) / 2).astype(np.float32).astype(np.float64)
+        far = np.isfinite(mid) & (np.abs(mid) > high - low)
+    return np.where(far, mid, 0.0)
 
 
 def row_sq_norms(X: np.ndarray) -> np.ndarray:

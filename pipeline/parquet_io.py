@@ -171,15 +171,9 @@ def _footer_digest(footers: Sequence[pq.FileMetaData]) -> str:
 
 
 def _origin(footers: Sequence[pq.FileMetaData], features: Sequence[str]) -> tuple[float, ...]:
-    """Per feature, the value subtracted from it as it is read: the midpoint of its range, from
-    the row groups' statistics, when the values lie farther from zero than they spread; else 0.
-
-    float32 keeps about 7 significant digits. Coordinates such as 512345.6 +- 10 kept only two
-    below their spread, and the distances ``||x||^2 - 2 x.mu + ||mu||^2`` cancelled to noise
-    (8 blobs at an offset of 1e5: inertia 3.5x the optimum's from the optimum's own means);
-    shifted, they keep all seven. The midpoint is a float32 value, so that shifting a float32
-    column is exact. A feature without statistics in some row group is not shifted.
-    """
+    """Per feature, the value subtracted from it as it is read (``kernel.origin_from_range``),
+    from the range of the row groups' statistics; 0 for a feature without statistics in some
+    row group."""
     low = dict.fromkeys(features, math.inf)
     high = dict.fromkeys(features, -math.inf)
     for meta in footers:
@@ -195,12 +189,9 @@ def _origin(footers: Sequence[pq.FileMetaData], features: Sequence[str]) -> tupl
                     continue
                 low[name] = min(low[name], stats.min)
                 high[name] = max(high[name], stats.max)
-    origin = []
-    for name in features:
-        mid = float(np.float32((low[name] + high[name]) / 2))
-        spread = high[name] - low[name]
-        origin.append(mid if math.isfinite(mid) and abs(mid) > spread else 0.0)
-    return tuple(origin)
+    origin = kernel.origin_from_range(np.array([low[n] for n in features]),
+                                      np.array([high[n] for n in features]))  # fmt: skip
+    return tuple(float(v) for v in origin)
 
 
 def _is_numeric(field: pa.Field) -> bool:

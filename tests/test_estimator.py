@@ -65,6 +65,32 @@ def test_matches_sklearn_lloyd_float32(dask_client) -> None:
     assert ours.cluster_centers_.dtype == np.float64
 
 
+@pytest.mark.parametrize("as_dask", [False, True])
+def test_float32_far_from_zero_matches_float64_lloyd(as_dask: bool) -> None:
+    """Blobs 1e5 from the origin in float32 (2 significant digits below their spread): fitted
+    less the midpoint of X's range, the means, labels and inertia are a float64 Lloyd's on the
+    same float32 values; predict and score shift X alike. Unshifted, the labels were noise."""
+    rng = np.random.default_rng(4)
+    truth = rng.uniform(-40, 40, size=(5, 2))
+    X = (truth[rng.integers(0, 5, 4000)] + rng.normal(0, 3, (4000, 2)) + 1e5).astype(np.float32)
+    init = truth + 1e5 + 3.0
+    X64 = X.astype(np.float64)
+    C = init
+    for _ in range(100):  # float64 Lloyd to a fixed point
+        labels = ((X64[:, None, :] - C[None]) ** 2).sum(axis=2).argmin(axis=1)
+        moved = np.array([X64[labels == j].mean(axis=0) for j in range(5)])
+        if np.array_equal(moved, C):
+            break
+        C = moved
+    inertia = ((X64 - C[labels]) ** 2).sum()
+    data = da.from_array(X, chunks=(1000, 2)) if as_dask else X
+    ours = KMeans(n_clusters=5, init=init, tol=0).fit(data)
+    np.testing.assert_allclose(ours.cluster_centers_, C, rtol=0, atol=1e-4)
+    assert ours.inertia_ == pytest.approx(inertia, rel=1e-6)
+    np.testing.assert_array_equal(np.asarray(ours.predict(data)), labels)
+    assert -ours.score(data) == pytest.approx(inertia, rel=1e-6)
+
+
 def test_matches_sklearn_with_sample_weight() -> None:
     X = blobs(n=800, d=3, k=4, seed=3, spread=2.0)
     w = np.random.default_rng(3).uniform(0.1, 5.0, size=len(X))
