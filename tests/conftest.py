@@ -86,6 +86,20 @@ def split_writer() -> Callable[..., Path]:
     return write_split
 
 
+def lloyd_reference(X: np.ndarray, init: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Lloyd's algorithm in float64 NumPy from ``init`` to a fixed point (at most 100 steps):
+    the means, the labels and the inertia."""
+    X = np.asarray(X, dtype=np.float64)
+    C = np.asarray(init, dtype=np.float64)
+    for _ in range(100):
+        labels = ((X[:, None, :] - C[None]) ** 2).sum(axis=2).argmin(axis=1)
+        moved = np.array([X[labels == j].mean(axis=0) for j in range(len(C))])
+        if np.array_equal(moved, C):
+            break
+        C = moved
+    return C, labels, float(((X - C[labels]) ** 2).sum())
+
+
 def blobs(n: int = 3000, d: int = 4, k: int = 5, seed: int = 0, spread: float = 1.0) -> np.ndarray:
     """Gaussian blobs with well separated centres, float64."""
     rng = np.random.default_rng(seed)

@@ -9,7 +9,7 @@ import dask
 import dask.array as da
 import numpy as np
 import pytest
-from conftest import blobs
+from conftest import blobs, lloyd_reference
 from sklearn.cluster import KMeans as SKKMeans
 
 from pipeline import KMeans, assign_labels, data_from_array, initial_centers
@@ -74,15 +74,7 @@ def test_float32_far_from_zero_matches_float64_lloyd(as_dask: bool) -> None:
     truth = rng.uniform(-40, 40, size=(5, 2))
     X = (truth[rng.integers(0, 5, 4000)] + rng.normal(0, 3, (4000, 2)) + 1e5).astype(np.float32)
     init = truth + 1e5 + 3.0
-    X64 = X.astype(np.float64)
-    C = init
-    for _ in range(100):  # float64 Lloyd to a fixed point
-        labels = ((X64[:, None, :] - C[None]) ** 2).sum(axis=2).argmin(axis=1)
-        moved = np.array([X64[labels == j].mean(axis=0) for j in range(5)])
-        if np.array_equal(moved, C):
-            break
-        C = moved
-    inertia = ((X64 - C[labels]) ** 2).sum()
+    C, labels, inertia = lloyd_reference(X, init)
     data = da.from_array(X, chunks=(1000, 2)) if as_dask else X
     ours = KMeans(n_clusters=5, init=init, tol=0).fit(data)
     np.testing.assert_allclose(ours.cluster_centers_, C, rtol=0, atol=1e-4)

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import blobs, write_parquet
+from conftest import blobs, lloyd_reference, write_parquet
 from distributed import get_task_stream
 from prefect.exceptions import ParameterTypeError
 
@@ -471,14 +471,7 @@ def test_data_far_from_zero_fits_as_float64_does(
     start = truth + [5e5, 4e6] + 4.0
     init = write_parquet(tmp_path / "init.parquet", start)
 
-    C = start.copy()  # float64 Lloyd, to a fixed point
-    for _ in range(100):
-        labels = ((X[:, None, :] - C[None]) ** 2).sum(axis=2).argmin(axis=1)
-        moved = np.array([X[labels == j].mean(axis=0) for j in range(5)])
-        if np.array_equal(moved, C):
-            break
-        C = moved
-    inertia = ((X - C[labels]) ** 2).sum()
+    C, labels, inertia = lloyd_reference(X, start)
 
     output = tmp_path / "out"
     kmeans_fit(input=str(tmp_path / "in"), output=str(output), k=5, init=str(init), tol=0,
