@@ -815,8 +815,8 @@ class LabelledFileWriter:
             [dataset.schema.field(n) for n in columns]
             + [pa.field("cluster", pa.int32()), pa.field("distance", pa.float64())]
         )
-        parts = labelled_file_name(dataset.files[file_index], _common_root(dataset.files))
-        *subdirectories, name = parts.split("/")
+        relative = labelled_file_name(dataset.files[file_index], _common_root(dataset.files))
+        *subdirectories, name = relative.split("/")
         directory = out_dir
         # one level at a time below out_dir, never out_dir itself: a task still running after
         # its pass failed must not bring back the output directory that the failure removed
