@@ -468,10 +468,11 @@ def run_kmeans_gd(
 
 def _busiest_chunk_tasks(records: list[dict[str, Any]]) -> list[float]:
     """Per pass of a fit, the busiest worker's summed compute time of its chunk tasks (keys
-    ``chunk-stats-<pass>-<i>``, see ``pipeline.passes.stats_pass``), from the scheduler's task
-    stream: what the matmul floor measures (the busiest worker's summed task time), for
-    kmeans-gd's own tasks. The iteration's time minus it is Dask's: the pass's scheduling, the
-    gaps between a worker's tasks, the reduction, the result to the client (and the step)."""
+    ``chunk-stats-<pass>-<i>``, one per chunk or, for held rows, per worker thread over its
+    chunks; see ``pipeline.passes.stats_pass``), from the scheduler's task stream: what the
+    matmul floor measures (the busiest worker's summed task time), for kmeans-gd's own tasks.
+    The iteration's time minus it is Dask's: the pass's scheduling, the gaps between a
+    worker's tasks, the reduction, the result to the client (and the step)."""
     busy: dict[str, dict[str, float]] = {}
     for rec in records:
         key = str(rec["key"])

@@ -241,18 +241,84 @@ def test_release_buffers_does_not_raise_once_the_scheduler_is_gone() -> None:
         assert client.status == "closed"
 
 
+def _compute_spans(records: list[dict]) -> list[tuple[str, str]]:
+    """(key name, worker) of each task computed, and ("transfer", worker) of each fetch."""
+    from dask.utils import key_split
+
+    return [
+        (key_split(rec["key"]) if span["action"] == "compute" else span["action"], rec["worker"])
+        for rec in records
+        for span in rec["startstops"]
+        if span["action"] in ("compute", "transfer")
+    ]
+
+
 def test_a_pass_gives_each_kind_of_task_a_name_of_its_own(dask_client) -> None:
     # the scheduler groups tasks by the name their key starts with and sizes its queues by
     # group: chunk tasks and combining tasks under one name made a streamed pass 20-40% slower
-    from dask.utils import key_split
     from distributed import get_task_stream
 
     X = blobs(n=4000, d=4, k=3, seed=5)
-    data = data_from_array(da.from_array(X, chunks=(250, 4))).persist()
+    data = data_from_array(da.from_array(X, chunks=(250, 4)))  # read by the pass: not held
     with get_task_stream(dask_client) as stream:
         stats_pass(data, X[None, :3].astype(np.float64), n_far=2)
-    names = {key_split(record["key"]) for record in stream.data}
+    names = {name for name, _ in _compute_spans(stream.data)}
     assert {"chunk-stats", "combine-stats"} <= names
+
+
+def _holders(client, data: DaskData) -> list[str]:  # type: ignore[no-untyped-def]
+    from distributed import futures_of, wait
+
+    wait(futures_of([data.X, data.weights, data.xsq]))
+    who_has = client.who_has(data.X)
+    return [who_has[x.key][0] for x, _, _, _ in data.blocks()]
+
+
+def test_held_rows_are_reduced_by_one_task_per_worker_where_they_are(dask_client) -> None:
+    # one task per worker thread over the chunks that worker holds, combined by the client in
+    # the same tree as the combining tasks: not a bit of difference, and no chunk moves
+    from distributed import get_task_stream
+
+    X = blobs(n=4000, d=4, k=3, seed=6)
+    centers = np.stack([_centers(X, 3, s) for s in range(2)])
+    previous = centers + 0.1
+    read = data_from_array(da.from_array(X, chunks=(250, 4)))
+    held = read.persist()
+    holders = _holders(dask_client, held)
+    assert len(set(holders)) == 2  # both workers hold chunks
+    with get_task_stream(dask_client) as stream:
+        got = stats_pass(held, centers, previous=previous, n_far=3)
+    spans = _compute_spans(stream.data)
+    assert sorted(spans) == sorted(("chunk-stats", w) for w in set(holders))
+    expected = stats_pass(read, centers, previous=previous, n_far=3)
+    for name in ("sums", "counts", "loss", "changed", "far_dist", "far_index", "far_rows"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(expected, name))
+    assert (got.n_rows, got.sq_total) == (expected.n_rows, expected.sq_total)
+
+
+def test_held_rows_follow_the_chunks_where_the_cluster_put_them(dask_client) -> None:
+    from distributed import futures_of, get_task_stream
+
+    X = blobs(n=3000, d=3, k=3, seed=7)
+    centers = _centers(X, 3)[None]
+    expected = kernel.chunk_stats(X, centers, n_far=2)
+    held = data_from_array(da.from_array(X, chunks=(250, 3))).persist()
+    _holders(dask_client, held)
+    # every chunk on both workers: split evenly between them, nothing fetched
+    dask_client.replicate(futures_of([held.X, held.xsq]), n=2)
+    with get_task_stream(dask_client) as stream:
+        _assert_same_stats(stats_pass(held, centers, n_far=2), expected)
+    assert sorted(_compute_spans(stream.data)) == sorted(
+        ("chunk-stats", w) for w in dask_client.nthreads()
+    )
+    assert sorted(len(g) for g in passes._held_groups(held)) == [6, 6]
+    # every chunk on one worker: one task, there
+    worker = sorted(dask_client.nthreads())[1]
+    one = data_from_array(dask_client.persist(da.from_array(X, chunks=(300, 3)), workers=worker))
+    assert set(_holders(dask_client, one)) == {worker}
+    with get_task_stream(dask_client) as stream:
+        _assert_same_stats(stats_pass(one, centers, n_far=2), expected)
+    assert _compute_spans(stream.data) == [("chunk-stats", worker)]
 
 
 def test_stats_pass_is_repeatable(tmp_path: Path, dask_client) -> None:
