@@ -382,7 +382,7 @@ def stats_pass(
     Rows held in a distributed cluster's memory are reduced by one task per worker thread
     over the chunks that worker holds (``_held_groups``), and the client combines the tasks'
     per-chunk statistics: a pass's time beyond its busiest worker's computing went from 38 to
-    25 ms (median of 72 passes over 8 chunks of 1.25M x 32 rows on 2 workers), the gaps
+    25 ms (median of 24 passes over 8 chunks of 1.25M x 32 rows on 2 workers), the gaps
     between a worker's chunk tasks and the hop to a combining task gone. Otherwise one task
     per chunk and a tree of combining tasks. Both combine the chunks in the same fixed tree
     (``_reduce_tasks``, ``_reduce_in_order``), so which way a pass goes, and which task
@@ -459,10 +459,10 @@ def _held_groups(data: DaskData) -> list[list[int]] | None:
     per worker, its chunks split round robin among its threads. None (one task per chunk)
     unless every chunk of X is held by a live worker.
 
-    Asked of the scheduler at every pass (two small requests, under a millisecond here), so
-    that the tasks follow the chunks wherever the cluster moved them: a worker lost and its
-    chunks recomputed elsewhere, chunks rebalanced. A chunk held by several workers counts
-    for the one with the fewest chunks per thread so far.
+    Asked of the scheduler at every pass (two small requests, about 2 ms here), so that the
+    tasks follow the chunks wherever the cluster moved them: a worker lost and its chunks
+    recomputed elsewhere, chunks rebalanced. A chunk held by several workers counts for the
+    one with the fewest chunks per thread so far.
     """
     if data.read_blocks is not None:
         return None
