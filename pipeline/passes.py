@@ -58,6 +58,12 @@ RETRIES = 2
 #: (8 small chunks on 2 workers). Beyond this size, one key of their own is the cheaper way.
 INLINE_MEANS_BYTES = 1 << 20
 
+#: Most bytes of per-chunk statistics a pass over held rows may send to the client, which
+#: combines them (see ``stats_pass``): 8 chunks at k=64, d=32 send 0.3 MB. Beyond it (many
+#: chunks, large k x d) the chunks' statistics are combined by tasks on the workers, as for
+#: streamed rows, so that the client never receives a pass's worth of them.
+HELD_GATHER_BYTES = 16 << 20
+
 
 @dataclass(frozen=True)
 class DaskData:
@@ -381,7 +387,7 @@ def stats_pass(
 
     Rows held in a distributed cluster's memory are reduced by one task per worker thread
     over the chunks that worker holds (``_held_groups``), and the client combines the tasks'
-    per-chunk statistics: a pass's time beyond its busiest worker's computing went from 38 to
+    per-chunk statistics (up to ``HELD_GATHER_BYTES`` of them): a pass's time beyond its busiest worker's computing went from 38 to
     25 ms (median of 24 passes over 8 chunks of 1.25M x 32 rows on 2 workers), the gaps
     between a worker's chunk tasks and the hop to a combining task gone. Otherwise one task
     per chunk and a tree of combining tasks. Both combine the chunks in the same fixed tree
@@ -395,7 +401,10 @@ def stats_pass(
         tasks[key] = DataNode(key, value)
         return TaskRef(key)
 
-    groups = _held_groups(data)
+    n_init, k, d = np.shape(centers)
+    per_chunk_bytes = 8 * n_init * (k * (d + 1) + n_far * (d + 2))  # sums, counts, far rows
+    small = per_chunk_bytes * len(data.offsets) <= HELD_GATHER_BYTES
+    groups = _held_groups(data) if small else None
     n_tasks = len(data.offsets) if groups is None else len(groups)
     means: Any = np.asarray(centers, dtype=np.float64)
     before: Any = None if previous is None else np.asarray(previous)

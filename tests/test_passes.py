@@ -274,10 +274,16 @@ def _holders(client, data: DaskData) -> list[str]:  # type: ignore[no-untyped-de
     return [who_has[x.key][0] for x, _, _, _ in data.blocks()]
 
 
-def test_held_rows_are_reduced_by_one_task_per_worker_where_they_are(dask_client) -> None:
+@pytest.mark.parametrize("gather_bytes", [passes.HELD_GATHER_BYTES, 0], ids=["client", "tasks"])
+def test_held_rows_are_reduced_by_one_task_per_worker_where_they_are(
+    dask_client, monkeypatch: pytest.MonkeyPatch, gather_bytes: int
+) -> None:
     # one task per worker thread over the chunks that worker holds, combined by the client in
-    # the same tree as the combining tasks: not a bit of difference, and no chunk moves
+    # the same tree as the combining tasks: not a bit of difference, and no chunk moves;
+    # statistics too large to send to the client are combined by tasks
     from distributed import get_task_stream
+
+    monkeypatch.setattr(passes, "HELD_GATHER_BYTES", gather_bytes)
 
     X = blobs(n=4000, d=4, k=3, seed=6)
     centers = np.stack([_centers(X, 3, s) for s in range(2)])
@@ -289,7 +295,11 @@ def test_held_rows_are_reduced_by_one_task_per_worker_where_they_are(dask_client
     with get_task_stream(dask_client) as stream:
         got = stats_pass(held, centers, previous=previous, n_far=3)
     spans = _compute_spans(stream.data)
-    assert sorted(spans) == sorted(("chunk-stats", w) for w in set(holders))
+    if gather_bytes:
+        assert sorted(spans) == sorted(("chunk-stats", w) for w in set(holders))
+    else:
+        assert [name for name, _ in spans].count("chunk-stats") == len(holders)
+        assert "combine-stats" in {name for name, _ in spans}
     expected = stats_pass(read, centers, previous=previous, n_far=3)
     for name in ("sums", "counts", "loss", "changed", "far_dist", "far_index", "far_rows"):
         np.testing.assert_array_equal(getattr(got, name), getattr(expected, name))
