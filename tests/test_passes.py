@@ -286,12 +286,15 @@ def test_held_rows_are_reduced_by_one_task_per_worker_where_they_are(
     monkeypatch.setattr(passes, "HELD_GATHER_BYTES", gather_bytes)
 
     X = blobs(n=4000, d=4, k=3, seed=6)
+    w = np.random.default_rng(6).uniform(0.0, 2.0, size=len(X))
     centers = np.stack([_centers(X, 3, s) for s in range(2)])
     previous = centers + 0.1
-    read = data_from_array(da.from_array(X, chunks=(250, 4)))
+    read = data_from_array(da.from_array(X, chunks=(250, 4)), sample_weight=w)
     held = read.persist()
     holders = _holders(dask_client, held)
     assert len(set(holders)) == 2  # both workers hold chunks
+    # the weights may be held apart from their rows: the first pass fetches those it needs
+    stats_pass(held, centers, previous=previous, n_far=3)
     with get_task_stream(dask_client) as stream:
         got = stats_pass(held, centers, previous=previous, n_far=3)
     spans = _compute_spans(stream.data)
