@@ -33,7 +33,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numba
@@ -45,6 +45,7 @@ from numba.extending import intrinsic, models, overload, register_model
 
 __all__ = [
     "ChunkStats",
+    "add_stats",
     "assign_labels",
     "block_rows_for",
     "chunk_stats",
@@ -54,6 +55,7 @@ __all__ = [
     "release_thread_buffers",
     "row_sq_norms",
     "thread_buffer",
+    "with_farthest",
 ]
 
 #: Bytes of one block's working set (rows of X plus their distances); about half of a
@@ -1426,23 +1428,42 @@ def _farthest(
 def combine_stats(a: ChunkStats, b: ChunkStats) -> ChunkStats:
     """Add two chunks' statistics; keep the overall farthest rows. Order-independent except
     for float64 rounding, which a fixed reduction tree makes repeatable."""
-    m = max(a.far_dist.shape[1], b.far_dist.shape[1])
-    dist = np.concatenate([a.far_dist, b.far_dist], axis=1)
-    index = np.concatenate([a.far_index, b.far_index], axis=1)
-    rows = np.concatenate([a.far_rows, b.far_rows], axis=1)
-    order = np.lexsort((index, -dist), axis=1)[:, :m]
-    take = np.take_along_axis
+    return with_farthest(add_stats(a, b), (a, b))
+
+
+def add_stats(a: ChunkStats, b: ChunkStats) -> ChunkStats:
+    """``combine_stats`` without the farthest rows (left empty): the additive part, whose
+    rounding depends on the order of the additions."""
     changed = np.where((a.changed < 0) | (b.changed < 0), -1, a.changed + b.changed)
+    n_init, d = a.sums.shape[0], a.sums.shape[2]
     return ChunkStats(
         sums=a.sums + b.sums,
         counts=a.counts + b.counts,
         loss=a.loss + b.loss,
         changed=changed,
+        far_dist=np.empty((n_init, 0)),
+        far_rows=np.empty((n_init, 0, d)),
+        far_index=np.empty((n_init, 0), dtype=np.int64),
+        n_rows=a.n_rows + b.n_rows,
+        sq_total=a.sq_total + b.sq_total,
+    )
+
+
+def with_farthest(total: ChunkStats, parts: Sequence[ChunkStats]) -> ChunkStats:
+    """``total`` with the farthest rows of all ``parts``: as many as the most any part has,
+    farthest first, ties by lowest row index. A strict order, so selecting from all parts at
+    once gives what selecting pair by pair, in any order, gives."""
+    m = max(p.far_dist.shape[1] for p in parts)
+    dist = np.concatenate([p.far_dist for p in parts], axis=1)
+    index = np.concatenate([p.far_index for p in parts], axis=1)
+    rows = np.concatenate([p.far_rows for p in parts], axis=1)
+    order = np.lexsort((index, -dist), axis=1)[:, :m]
+    take = np.take_along_axis
+    return replace(
+        total,
         far_dist=take(dist, order, axis=1),
         far_rows=take(rows, order[..., None], axis=1),
         far_index=take(index, order, axis=1),
-        n_rows=a.n_rows + b.n_rows,
-        sq_total=a.sq_total + b.sq_total,
     )
 
 

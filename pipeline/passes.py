@@ -428,7 +428,11 @@ def stats_pass(
         for group, stats in zip(groups, per_task, strict=True):
             for i, s in zip(group, stats, strict=True):
                 per_chunk[i] = s
-        return _reduce_in_order(per_chunk, kernel.combine_stats)
+        # the sums in the tree's order, the farthest rows chosen once from all chunks:
+        # combine_stats's result, bit for bit, without a selection per pair (a pass over 400
+        # held chunks of 5000 x 32 rows on 2 workers: 422 -> 352 ms, median of 6)
+        total = _reduce_in_order(per_chunk, kernel.add_stats)
+        return kernel.with_farthest(total, per_chunk)
     if data.read_specs is not None and data.xsq is None:
         for key, spec, off in zip(keys, data.read_specs, data.offsets, strict=True):
             tasks[key] = Task(key, _read_chunk_stats_task, spec, means, before, off, n_far)
