@@ -17,7 +17,14 @@ from conftest import blobs
 from llvmlite import ir
 
 from pipeline import kernel
-from pipeline.kernel import ChunkStats, assign_labels, chunk_stats, combine_stats
+from pipeline.kernel import (
+    ChunkStats,
+    add_stats,
+    assign_labels,
+    chunk_stats,
+    combine_stats,
+    with_farthest,
+)
 
 DTYPES = [np.float32, np.float64]
 
@@ -432,6 +439,20 @@ def test_combine_of_split_chunks_equals_whole(dtype, cuts) -> None:
     _assert_stats_equal(reduce(combine_stats, parts), whole, rtol)
     # a different grouping of the same parts: (p0 + (p1 + (p2 ...)))
     _assert_stats_equal(reduce(lambda acc, p: combine_stats(p, acc), parts[::-1]), whole, rtol)
+
+
+def test_farthest_rows_chosen_at_once_equal_those_chosen_pair_by_pair() -> None:
+    # what the client does with held chunks' statistics: the sums in the tree's order, the
+    # farthest rows from all chunks at once; rows repeated across chunks tie on distance
+    X, centers = _separated(n=300, d=3, k=4, seed=18, dtype=np.float64)
+    X = np.concatenate([X, X[:40], X[:40]])
+    parts = _split_stats(X, centers[None], [50, 51, 170, 300, 320], n_far=9)
+    pairwise = reduce(combine_stats, parts)
+    at_once = with_farthest(reduce(add_stats, parts), parts)
+    for name in ("sums", "counts", "loss", "changed", "far_dist", "far_rows", "far_index"):
+        np.testing.assert_array_equal(getattr(at_once, name), getattr(pairwise, name))
+    assert (at_once.n_rows, at_once.sq_total) == (pairwise.n_rows, pairwise.sq_total)
+    assert len(set(at_once.far_dist[0])) < 9  # ties were there to break
 
 
 def test_combine_keeps_unknown_changed() -> None:
