@@ -24,8 +24,8 @@ The data (Gaussian blobs, float32) is generated once, chunk by chunk, into a ``.
     20-40% over minutes, so the median of those, taken in the same minutes as (a)'s median
     iteration, is the like-for-like floor (``kmeans_gd_over_interleaved_floor``); the
     before/after best of 3 (``kmeans_gd_over_matmul_floor``) is the strictest. That one sums
-    each chunk's fastest of 3 repeats, a lower envelope (at most any one pass's time of the products),
-    against kmeans-gd's median iteration; kmeans-gd's fastest iteration against it
+    each chunk's fastest of 3 repeats, a lower envelope (at most any one pass's time of the
+    products), against kmeans-gd's median iteration; kmeans-gd's fastest iteration against it
     (``kmeans_gd_best_over_matmul_floor``) compares best with best.
 
 Inertia is computed the same way for every result: the float64 loss of its final means (labels

@@ -387,10 +387,10 @@ def stats_pass(
 
     Rows held in a distributed cluster's memory are reduced by one task per worker thread
     over the chunks that worker holds (``_held_groups``), and the client combines the tasks'
-    per-chunk statistics (up to ``HELD_GATHER_BYTES`` of them): a pass's time beyond its busiest worker's computing went from 38 to
-    25 ms (median of 24 passes over 8 chunks of 1.25M x 32 rows on 2 workers), the gaps
-    between a worker's chunk tasks and the hop to a combining task gone. Otherwise one task
-    per chunk and a tree of combining tasks. Both combine the chunks in the same fixed tree
+    per-chunk statistics (up to ``HELD_GATHER_BYTES`` of them): a pass's time beyond its
+    busiest worker's computing went from 38 to 25 ms (median of 24 passes over 8 chunks of
+    1.25M x 32 rows on 2 workers), the gaps between a worker's chunk tasks and the hop to a
+    combining task gone. Otherwise one task per chunk and a tree of combining tasks. Both combine the chunks in the same fixed tree
     (``_reduce_tasks``, ``_reduce_in_order``), so which way a pass goes, and which task
     finishes first, never changes a bit of the result.
     """
@@ -423,7 +423,8 @@ def stats_pass(
             tasks[key] = Task(key, _held_chunks_stats_task, x, w, q, offsets, means, before, n_far)
             dependencies += [b for i in group for b in blocks[i][:3] if b is not None]
         graph = HighLevelGraph.from_collections(layer, tasks, dependencies=dependencies)
-        per_task = dask.compute(*(Delayed(k, graph, layer=layer) for k in keys), retries=RETRIES)
+        roots = [Delayed(key, graph, layer=layer) for key in keys]
+        per_task = dask.compute(*roots, retries=RETRIES)
         per_chunk: list[Any] = [None] * len(data.offsets)
         for group, stats in zip(groups, per_task, strict=True):
             for i, s in zip(group, stats, strict=True):
