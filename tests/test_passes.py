@@ -299,7 +299,7 @@ def test_held_rows_are_reduced_by_one_task_per_worker_where_they_are(
         got = stats_pass(held, centers, previous=previous, n_far=3)
     spans = _compute_spans(stream.data)
     if gather_bytes:
-        assert sorted(spans) == sorted(("chunk-stats", w) for w in set(holders))
+        assert sorted(spans) == sorted(("chunk-stats", worker) for worker in set(holders))
     else:
         assert [name for name, _ in spans].count("chunk-stats") == len(holders)
         assert "combine-stats" in {name for name, _ in spans}
@@ -322,7 +322,7 @@ def test_held_rows_follow_the_chunks_where_the_cluster_put_them(dask_client) -> 
     with get_task_stream(dask_client) as stream:
         _assert_same_stats(stats_pass(held, centers, n_far=2), expected)
     assert sorted(_compute_spans(stream.data)) == sorted(
-        ("chunk-stats", w) for w in dask_client.nthreads()
+        ("chunk-stats", address) for address in dask_client.nthreads()
     )
     assert sorted(len(g) for g in passes._held_groups(held)) == [6, 6]
     # every chunk on one worker: one task, there
