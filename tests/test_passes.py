@@ -334,6 +334,22 @@ def test_held_rows_follow_the_chunks_where_the_cluster_put_them(dask_client) -> 
     assert _compute_spans(stream.data) == [("chunk-stats", worker)]
 
 
+def test_held_rows_are_split_among_a_workers_threads() -> None:
+    from distributed import Client, LocalCluster, get_task_stream
+
+    X = blobs(n=3000, d=3, k=3, seed=8)
+    centers = _centers(X, 3)[None]
+    expected = kernel.chunk_stats(X, centers, n_far=2)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:  # fmt: skip
+        held = data_from_array(da.from_array(X, chunks=(250, 3))).persist()
+        _holders(client, held)
+        assert passes._held_groups(held) == [[0, 2, 4, 6, 8, 10], [1, 3, 5, 7, 9, 11]]
+        with get_task_stream(client) as stream:
+            _assert_same_stats(stats_pass(held, centers, n_far=2), expected)
+        assert [name for name, _ in _compute_spans(stream.data)] == ["chunk-stats"] * 2
+
+
 def test_stats_pass_is_repeatable(tmp_path: Path, dask_client) -> None:
     X = blobs(n=3000, d=2, k=3, seed=4)
     data = data_from_array(da.from_array(X, chunks=(97, 2))).persist()
