@@ -88,7 +88,7 @@ class ParquetDataset:
     Built by :func:`open_parquet` from the footers only. It is small and picklable, so it
     travels inside the Dask graph.
 
-    Features are read as ``x - origin`` (see ``_origin``): means fitted to the rows read are
+    Features are read as ``x - origin`` (see ``_footer_summary``): means fitted to the rows read are
     in that frame, and ``means + origin`` in the data's.
     """
 
@@ -150,48 +150,45 @@ class ParquetDataset:
         }
 
 
-def _footer_digest(footers: Sequence[pq.FileMetaData]) -> str:
-    """A digest of the footers: row groups, sizes and column statistics of every file.
+def _footer_summary(
+    footers: Sequence[pq.FileMetaData], features: Sequence[str]
+) -> tuple[str, tuple[float, ...]]:
+    """What the footers' column statistics say, in one walk over them (at 560 row groups x 33
+    columns a walk took 0.2 s, most of it making pyarrow's statistics objects):
 
-    Data rewritten with other values changes its statistics or sizes, so a checkpoint or a model
-    can tell "the same data" from "other data" without reading a single row.
+    * a digest of the footers: row groups, sizes and column statistics of every file. Data
+      rewritten with other values changes its statistics or sizes, so a checkpoint or a model
+      can tell "the same data" from "other data" without reading a single row;
+    * per feature, the value subtracted from it as it is read (``kernel.origin_from_range``),
+      from the range of the row groups' statistics; 0 for a feature without statistics in
+      some row group.
     """
     digest = hashlib.sha256()
+    low = dict.fromkeys(features, math.inf)
+    high = dict.fromkeys(features, -math.inf)
     for meta in footers:
+        path_of = [meta.schema.column(i).path for i in range(meta.num_columns)]
         for rg in range(meta.num_row_groups):
             group = meta.row_group(rg)
             digest.update(f"{group.num_rows}:{group.total_byte_size}".encode())
             for c in range(group.num_columns):
                 column = group.column(c)
                 stats = column.statistics
+                known = stats is not None and stats.has_min_max
                 digest.update(f"{column.path_in_schema}:{column.total_compressed_size}".encode())
-                if stats is not None and stats.has_min_max:
+                if known:
                     digest.update(f"{stats.min!r}:{stats.max!r}:{stats.null_count}".encode())
-    return digest.hexdigest()[:32]
-
-
-def _origin(footers: Sequence[pq.FileMetaData], features: Sequence[str]) -> tuple[float, ...]:
-    """Per feature, the value subtracted from it as it is read (``kernel.origin_from_range``),
-    from the range of the row groups' statistics; 0 for a feature without statistics in some
-    row group."""
-    low = dict.fromkeys(features, math.inf)
-    high = dict.fromkeys(features, -math.inf)
-    for meta in footers:
-        columns = {meta.schema.column(i).path: i for i in range(meta.num_columns)}
-        for rg in range(meta.num_row_groups):
-            group = meta.row_group(rg)
-            if group.num_rows == 0:
-                continue
-            for name in features:
-                stats = group.column(columns[name]).statistics
-                if stats is None or not stats.has_min_max or isinstance(stats.min, bytes):
-                    low[name] = math.nan
+                name = path_of[c]
+                if name not in low or group.num_rows == 0:
                     continue
-                low[name] = min(low[name], stats.min)
-                high[name] = max(high[name], stats.max)
+                if not known or isinstance(stats.min, bytes):
+                    low[name] = math.nan
+                else:
+                    low[name] = min(low[name], stats.min)
+                    high[name] = max(high[name], stats.max)
     origin = kernel.origin_from_range(np.array([low[n] for n in features]),
                                       np.array([high[n] for n in features]))  # fmt: skip
-    return tuple(float(v) for v in origin)
+    return digest.hexdigest()[:32], tuple(float(v) for v in origin)
 
 
 def _is_numeric(field: pa.Field) -> bool:
@@ -371,6 +368,7 @@ def open_parquet(
     file_rows = tuple(meta.num_rows for meta in footers)
     if sum(file_rows) == 0:
         raise InputError(f"input '{os.fspath(source)}' has no rows.")
+    footer_digest, origin = _footer_summary(footers, chosen)
     return ParquetDataset(
         fs=fs,
         files=tuple(files),
@@ -380,9 +378,9 @@ def open_parquet(
         chunks=chunks,
         id_column=id_column,
         weight_column=weight_column,
-        footer_digest=_footer_digest(footers),
+        footer_digest=footer_digest,
         row_groups=row_groups,
-        origin=_origin(footers, chosen),
+        origin=origin,
     )
 
 
