@@ -206,7 +206,10 @@ def kmeans_fit(
             input, output, k, features=features, id_column=id_column, weight_column=weight_column,
             dtype=dtype, overwrite=overwrite, init=init, step=step, n_init=n_init,
         )  # fmt: skip
-        held.enter_context(parquet_io.output_lock(output))  # to the end: the output and its checkpoint
+        # held to the end: the output and its checkpoint
+        unlocked = held.enter_context(parquet_io.output_lock(output))
+        if unlocked:
+            logger.warning(unlocked)
         minibatch = step == "minibatch"
         step_rule = None if minibatch else make_step_rule(step, learning_rate=learning_rate, alpha=alpha)
         method = resolve_init(init, dataset.n_rows, k)

@@ -60,8 +60,10 @@ def kmeans_predict(
             saved.path, len(saved.centers), ", ".join(saved.features), dataset.n_rows,
             len(dataset.files),
         )  # fmt: skip
-        with parquet_io.output_lock(output), dask_client(to_cluster_spec(cluster)) as client:
+        with parquet_io.output_lock(output) as unlocked, dask_client(to_cluster_spec(cluster)) as client:
             del client  # computations use the client as Dask's default scheduler
+            if unlocked:
+                logger.warning(unlocked)
             with parquet_io.atomic_output_dir(output, overwrite=overwrite) as tmp:
                 # in the frame of the rows read
                 stats = label_files(dataset, saved.centers - dataset.origin, tmp, saved.dtype)

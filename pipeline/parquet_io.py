@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import math
@@ -710,15 +711,27 @@ def _discard(tmp: str) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+#: What ``flock`` fails with on a filesystem that has no such locks: NFS without its lock
+#: service (ENOLCK), Lustre mounted ``noflock`` (ENOSYS), some FUSE filesystems.
+_NO_FLOCK = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
+
+
 @contextlib.contextmanager
-def output_lock(output: str | os.PathLike[str]) -> Iterator[None]:
+def output_lock(output: str | os.PathLike[str]) -> Iterator[str | None]:
     """Hold ``output`` for one run: a second run writing it (an overlapping scheduled job) is
     refused at once, instead of resuming from the first one's checkpoint and replacing its
     output. The lock is the kernel's (``flock``) on a hidden sibling file, so it is released
-    when the run's process ends, however it ends."""
+    when the run's process ends, however it ends.
+
+    Yields None, or, where the filesystem cannot lock files (see ``_NO_FLOCK``), a note for
+    the run's log saying so: the run goes on unguarded. A lock file that could outlive its
+    run instead (created exclusively, removed at the end) would refuse every later run after
+    a run was killed, and a run on another node cannot tell whether its holder still lives.
+    """
     final = os.path.abspath(os.fspath(output))
     os.makedirs(os.path.dirname(final), exist_ok=True)
     path = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.lock")
+    unlocked = None
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -729,14 +742,29 @@ def output_lock(output: str | os.PathLike[str]) -> Iterator[None]:
                 f"output '{os.fspath(output)}' is being written by another run (it holds"
                 f" '{path}'); wait for that run to end."
             ) from None
+        except OSError as error:
+            os.close(fd)
+            if error.errno not in _NO_FLOCK:
+                raise
+            unlocked = (
+                f"output '{os.fspath(output)}' is not locked: its filesystem cannot lock"
+                f" '{path}' ({error.strerror}), so a second run writing it at the same time"
+                " would not be refused; do not schedule overlapping runs on it."
+            )
+            break
         try:
             if os.path.samestat(os.fstat(fd), os.stat(path)):
                 break
         except FileNotFoundError:
             pass
         os.close(fd)  # the run that held it removed it after we opened it: take the new one
+    if unlocked is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        yield unlocked
+        return
     try:
-        yield
+        yield None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)

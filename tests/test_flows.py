@@ -4,6 +4,7 @@ validation, and independence from how the data is split into files and row group
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import math
@@ -23,6 +24,7 @@ from prefect.exceptions import ParameterTypeError
 
 from flows.fit import kmeans_fit
 from flows.predict import kmeans_predict
+from pipeline import parquet_io
 
 FEATURES = ["x0", "x1", "x2"]
 MODEL_KEYS = {
@@ -265,6 +267,31 @@ def test_predict_flow_labels_equal_the_fit_labels(
     assert summary["inertia"] == pytest.approx(model["inertia"], rel=1e-9)
     assert summary["inertia"] == pytest.approx(loss, rel=1e-6)
     assert no_leftovers(predicted.parent, predicted.name) == []
+
+
+def test_predict_flow_on_a_filesystem_without_locks_warns_and_writes(
+    fitted: dict[str, Any], small: tuple[Path, list[Path]], scheduler: dict[str, str],
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    def no_locks(fd: int, operation: int) -> None:  # NFS without its lock service
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(parquet_io.fcntl, "flock", no_locks)
+    predicted = tmp_path / "predict-out"
+    state = kmeans_predict(
+        model=str(fitted["output"]), input=str(small[0]), output=str(predicted),
+        cluster=scheduler, return_state=True,
+    )  # fmt: skip
+    assert state.is_completed(), state.message
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    expected = (
+        f"output '{predicted}' is not locked: its filesystem cannot lock"
+        f" '{tmp_path / '.predict-out.lock'}' (No locks available), so a second run writing it"
+        " at the same time would not be refused; do not schedule overlapping runs on it."
+    )
+    assert [m for m in warned if "is not locked" in m] == [expected]
+    assert sorted(os.listdir(predicted)) == sorted(p.name for p in small[1])
+    assert sorted(os.listdir(tmp_path)) == ["predict-out"]
 
 
 def test_nan_found_inside_the_flow_fails_the_run_and_writes_nothing(

@@ -3,6 +3,8 @@ input errors, and the atomic output directory."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import re
 import subprocess
@@ -611,6 +613,49 @@ def test_output_lock_of_a_killed_run_is_free(tmp_path: Path) -> None:
     with parquet_io.output_lock(out):
         pass
     assert os.listdir(tmp_path) == []
+
+
+def _flock_fails(code: int) -> Any:
+    """``fcntl.flock`` as a filesystem without such locks answers it (this machine's local
+    filesystems all have them): what NFS without its lock service, or Lustre mounted
+    ``noflock``, returns."""
+
+    def flock(fd: int, operation: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    return flock
+
+
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP])
+def test_output_lock_on_a_filesystem_without_locks_goes_on_with_a_note(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    out = tmp_path / "deep" / "out"
+    monkeypatch.setattr(parquet_io.fcntl, "flock", _flock_fails(code))
+    with parquet_io.output_lock(out) as unlocked:
+        assert unlocked == (
+            f"output '{out}' is not locked: its filesystem cannot lock"
+            f" '{tmp_path / 'deep' / '.out.lock'}' ({os.strerror(code)}), so a second run"
+            " writing it at the same time would not be refused; do not schedule overlapping"
+            " runs on it."
+        )
+        with parquet_io.output_lock(out) as again:  # unguarded: a second run is not refused
+            assert again == unlocked
+    assert os.listdir(tmp_path / "deep") == []  # no lock file left
+
+
+def test_output_lock_passes_on_other_errors_and_says_none_when_locked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with parquet_io.output_lock(tmp_path / "out") as unlocked:
+        assert unlocked is None
+    monkeypatch.setattr(parquet_io.fcntl, "flock", _flock_fails(errno.EIO))
+    with pytest.raises(OSError, match="Input/output error"), parquet_io.output_lock(tmp_path / "out"):
+        pytest.fail("the block must not run")  # pragma: no cover
+    monkeypatch.undo()
+    assert parquet_io.fcntl.flock is fcntl.flock
+    with parquet_io.output_lock(tmp_path / "out") as unlocked:  # the failed attempt left it free
+        assert unlocked is None
 
 
 def test_writers_left_running_after_a_failure_leave_nothing(tmp_path: Path) -> None:
