@@ -139,8 +139,8 @@ def generate_blobs(
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r} should be one of {', '.join(map(repr, _DTYPES))}.")
 
+    check_output_free(output, overwrite=overwrite)
     final = os.path.abspath(os.fspath(output))
-    check_output_free(final, overwrite=overwrite)
 
     rng = np.random.default_rng(seed)
     true_centers = rng.uniform(-center_box, center_box, size=(centers, dims))

@@ -669,8 +669,8 @@ def atomic_output_dir(output: str | os.PathLike[str], *, overwrite: bool = False
     The existing output, if any, is replaced only after the new one is complete; on error the
     temporary directory is removed and ``output`` is left as it was.
     """
+    check_output_free(output, overwrite=overwrite)
     final = os.path.abspath(os.fspath(output))
-    check_output_free(final, overwrite=overwrite)
     parent = os.path.dirname(final)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(final)}.tmp-{uuid.uuid4().hex[:8]}")
@@ -772,7 +772,19 @@ def output_lock(output: str | os.PathLike[str]) -> Iterator[str | None]:
 
 
 def check_output_free(output: str | os.PathLike[str], *, overwrite: bool) -> None:
-    """Refuse an existing output unless overwriting was asked for."""
+    """Refuse an output given as a URL, and an existing output unless overwriting was asked for.
+
+    Outputs are written through the local filesystem (the run's and the workers' view of one
+    shared filesystem): a URL such as ``s3://bucket/out`` would otherwise be taken as a
+    relative path and its files written under a local directory named ``s3:``.
+    """
+    protocol, _ = fsspec.core.split_protocol(os.fspath(output))
+    if protocol is not None:
+        raise InputError(
+            f"output '{os.fspath(output)}' is a URL; give a path on a filesystem that this run"
+            " and the Dask workers share (a mounted volume, for example): outputs are written"
+            " there, not to object storage, from which only inputs are read."
+        )
     if os.path.exists(output) and not overwrite:
         raise OutputExistsError(
             f"output '{os.fspath(output)}' already exists; pass --overwrite to replace it."

@@ -384,6 +384,10 @@ def case_output_exists(ctx: Ctx) -> list[Any]:
     return _fit(_two_files(ctx), ctx, "-k", 2)
 
 
+def case_output_url(ctx: Ctx) -> list[Any]:
+    return ["fit", _two_files(ctx), "s3://bucket/out", "-k", 2]
+
+
 def case_output_is_input(ctx: Ctx) -> list[Any]:
     data = _two_files(ctx)
     return ["fit", data, data, "-k", 2, "--overwrite"]
@@ -495,6 +499,7 @@ BAD_INPUTS: list[Any] = [
     pytest.param(case_k_zero, [r"\bk\b"], id="k-zero"),
     pytest.param(case_k_above_rows, [r"\bk\b", "80"], id="k-above-rows"),
     pytest.param(case_output_exists, ["out", "--overwrite"], id="output-exists"),
+    pytest.param(case_output_url, ["'s3://bucket/out' is a URL", "shared?"], id="output-url"),
     pytest.param(
         case_output_is_input, ["holds the input file", "part-0.parquet"], id="output-is-input"
     ),

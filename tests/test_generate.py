@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.generate import GeneratedDataset, generate_blobs
+from pipeline.parquet_io import InputError
 
 
 def _read_all(dataset: GeneratedDataset) -> pa.Table:
@@ -135,6 +136,13 @@ def test_existing_output_refused(tmp_path: Path) -> None:
     ):
         generate_blobs(out, rows=10, dims=2, centers=2, seed=1)
     assert Path(out / "part-00000.parquet").read_bytes() == before
+
+
+def test_output_url_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match=r"^output 's3://bucket/blobs' is a URL; give a path "):
+        generate_blobs("s3://bucket/blobs", rows=10, dims=2, centers=2)
+    assert os.listdir(tmp_path) == []  # not a directory named 's3:'
 
 
 def test_overwrite_replaces_whole_directory(tmp_path: Path) -> None:

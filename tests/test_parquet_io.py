@@ -558,6 +558,24 @@ def test_atomic_output_dir_refuses_existing_output(tmp_path: Path) -> None:
         parquet_io.check_output_free(tmp_path / "file", overwrite=False)
 
 
+@pytest.mark.parametrize("url", ["s3://bucket/out", "gs://bucket/out", "file:///data/out"])
+def test_an_output_given_as_a_url_is_refused_and_nothing_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    """A URL taken as a relative path would be written under a local directory named 's3:'."""
+    monkeypatch.chdir(tmp_path)
+    for overwrite in (False, True):
+        with pytest.raises(InputError) as info, atomic_output_dir(url, overwrite=overwrite):
+            pytest.fail("the block must not run")  # pragma: no cover
+        assert str(info.value) == (
+            f"output '{url}' is a URL; give a path on a filesystem that this run and the Dask"
+            " workers share (a mounted volume, for example): outputs are written there, not to"
+            " object storage, from which only inputs are read."
+        )
+    parquet_io.check_output_free("out:with-colon", overwrite=False)  # a path, not a URL
+    assert os.listdir(tmp_path) == []
+
+
 def test_atomic_output_dir_overwrite(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
