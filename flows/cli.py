@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from flows.progress import progress_logger
 from flows.serve import add_arguments as add_serve_arguments
 
 __all__ = ["main"]
@@ -155,10 +156,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _close_progress() -> None:
     """End the progress output (a progress bar ends its line) before the summary or an error."""
-    progress = logging.getLogger("kmeans_gd.progress")
-    for handler in list(progress.handlers):
+    for handler in list(progress_logger.handlers):
         handler.close()
-        progress.removeHandler(handler)
+        progress_logger.removeHandler(handler)
 
 
 def _print_summary(result: dict[str, Any], seconds: float) -> None:
@@ -326,12 +326,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "serve":  # serving keeps Prefect's console logs of the runs it executes
         _prepare_prefect_environment()
     _quiet_libraries()
-    progress = logging.getLogger("kmeans_gd.progress")
-    progress.propagate = False
+    progress_logger.propagate = False
     if not getattr(args, "quiet", False):
         handler = _progress_handler(args)
-        progress.addHandler(handler)
-        progress.setLevel(logging.INFO)
+        progress_logger.addHandler(handler)
+        progress_logger.setLevel(logging.INFO)
 
     from pipeline.cluster import ClusterConnectionError
     from pipeline.parquet_io import InputError

@@ -8,10 +8,8 @@ gets the parameters, the logs of every iteration and the final outputs.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import time
-from collections.abc import Sequence
 from typing import Annotated, Any, Literal, NamedTuple
 
 import numpy as np
@@ -47,12 +45,12 @@ from pipeline.optimizer import make_step_rule
 from pipeline.passes import choose_cache, chunk_bytes_for, data_from_parquet, label_files
 
 from .params import ClusterChoice, LocalDask, to_cluster_spec
+from .progress import tell
 from .retries import FLOW_RETRIES, FLOW_RETRY_DELAY_SECONDS, retry_only_transient_failures
 
-__all__ = ["FitInputs", "check_fit_inputs", "kmeans_fit", "progress_logger"]
+__all__ = ["FitInputs", "check_fit_inputs", "kmeans_fit"]
 
 #: Plain per-iteration lines for the command line; the CLI attaches a handler to it.
-progress_logger = logging.getLogger("kmeans_gd.progress")
 
 
 class FitInputs(NamedTuple):
@@ -108,16 +106,6 @@ def _iteration_line(report: IterationReport) -> str:
         f"  changed {'-' if changed is None else changed}"
         f"  seconds {report.seconds:.3f}"
     )
-
-
-def _tell(logger: Any, line: str | None, notes: Sequence[str] = ()) -> None:
-    """A line for the run's log and the command line; notes as warnings to both."""
-    if line is not None:
-        logger.info(line)
-        progress_logger.info(line)
-    for note in notes:
-        logger.warning(note)
-        progress_logger.info(note)
 
 
 def _count(n: int, noun: str) -> str:
@@ -208,14 +196,13 @@ def kmeans_fit(
         )  # fmt: skip
         # held to the end: the output and its checkpoint
         unlocked = held.enter_context(parquet_io.output_lock(output))
-        if unlocked:
-            logger.warning(unlocked)
+        tell(logger, None, [unlocked] if unlocked else [])
         minibatch = step == "minibatch"
         step_rule = None if minibatch else make_step_rule(step, learning_rate=learning_rate, alpha=alpha)
         method = resolve_init(init, dataset.n_rows, k)
         if warm_start is not None:
             n_init = 1
-        _tell(logger, f"input {input}: {_count(dataset.n_rows, 'row')} in"
+        tell(logger, f"input {input}: {_count(dataset.n_rows, 'row')} in"
                       f" {_count(len(dataset.files), 'file')}, features {', '.join(dataset.features)}")  # fmt: skip
 
         checkpoint_file = checkpoint.checkpoint_path(output)
@@ -231,7 +218,7 @@ def kmeans_fit(
             data = data_from_parquet(dataset, dtype)
             persist, why = choose_cache(data.nbytes, workers_memory_limit(client), cache)
             where = "held in the workers' memory" if persist else "streamed from Parquet every pass"
-            _tell(logger, f"data: {_count(len(dataset.chunks), 'chunk')}, {where} ({why})")
+            tell(logger, f"data: {_count(len(dataset.chunks), 'chunk')}, {where} ({why})")
             if persist:
                 data = data.persist()
 
@@ -244,9 +231,9 @@ def kmeans_fit(
                 )  # fmt: skip
                 state = FitState.start(centers)
                 source = f" from {init}" if warm_start is not None else ""
-                _tell(logger, f"initialised {n_init} restart(s) with {method}{source} in {time.perf_counter() - t0:.2f} s")
+                tell(logger, f"initialised {n_init} restart(s) with {method}{source} in {time.perf_counter() - t0:.2f} s")
             else:
-                _tell(logger, f"resuming from {checkpoint_file} after iteration {state.iteration}")
+                tell(logger, f"resuming from {checkpoint_file} after iteration {state.iteration}")
             init_seconds = time.perf_counter() - t0
             progress = create_progress_artifact(
                 progress=100.0 * state.iteration / max_iter, key="kmeans-fit-progress",
@@ -255,12 +242,12 @@ def kmeans_fit(
 
             def on_iteration(report_: IterationReport) -> None:
                 checkpoint.save_checkpoint(checkpoint_file, checkpoint_key, report_.state)
-                _tell(logger, _iteration_line(report_), report_.notes)
+                tell(logger, _iteration_line(report_), report_.notes)
                 done = 100.0 if report_.state.done else 100.0 * report_.iteration / max_iter
                 update_progress_artifact(progress, progress=done)
 
             def on_batch(report_: MinibatchReport) -> None:
-                _tell(logger, _batch_line(report_), report_.notes)
+                tell(logger, _batch_line(report_), report_.notes)
                 update_progress_artifact(progress, progress=100.0 * report_.iteration / max_iter)
 
             if minibatch:
@@ -273,7 +260,7 @@ def kmeans_fit(
                 result = fit_means(
                     data, state, max_iter=max_iter, tol=tol, step=step_rule, on_iteration=on_iteration
                 )
-            _tell(logger, None, result.notes)
+            tell(logger, None, result.notes)
 
             with parquet_io.atomic_output_dir(output, overwrite=overwrite) as tmp:
                 t0 = time.perf_counter()

@@ -14,6 +14,7 @@ from pipeline.model import Model, read_model
 from pipeline.passes import label_files
 
 from .params import ClusterChoice, LocalDask, to_cluster_spec
+from .progress import tell
 from .retries import FLOW_RETRIES, FLOW_RETRY_DELAY_SECONDS, retry_only_transient_failures
 
 __all__ = ["check_predict_inputs", "kmeans_predict"]
@@ -62,8 +63,7 @@ def kmeans_predict(
         )  # fmt: skip
         with parquet_io.output_lock(output) as unlocked, dask_client(to_cluster_spec(cluster)) as client:
             del client  # computations use the client as Dask's default scheduler
-            if unlocked:
-                logger.warning(unlocked)
+            tell(logger, None, [unlocked] if unlocked else [])
             with parquet_io.atomic_output_dir(output, overwrite=overwrite) as tmp:
                 # in the frame of the rows read
                 stats = label_files(dataset, saved.centers - dataset.origin, tmp, saved.dtype)

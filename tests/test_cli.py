@@ -242,6 +242,39 @@ def test_fit_minibatch_then_warm_start_from_its_model(
     assert after["inertia"] <= model["inertia"] * (1 + 1e-9)
 
 
+def test_predict_on_a_filesystem_without_locks_says_so_and_writes(
+    cli_fit: tuple[subprocess.CompletedProcess[str], Path], generated: Path,
+    cli_env: dict[str, str], dask_client: Any, tmp_path: Path,
+) -> None:  # fmt: skip
+    """Where ``flock`` fails as NFS without its lock service makes it fail (this machine's
+    filesystems all lock: the run's ``flock`` is replaced at start-up), the run goes on and
+    its command line says that the output is not guarded."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import errno, fcntl, os\n\n\n"
+        "def _no_locks(fd, operation):\n"
+        "    raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))\n\n\n"
+        "fcntl.flock = _no_locks\n"
+    )
+    path = os.pathsep.join(p for p in (str(tmp_path), cli_env.get("PYTHONPATH", "")) if p)
+    env = {**cli_env, "PYTHONPATH": path, "PYTHONDONTWRITEBYTECODE": "1"}
+    output = tmp_path / "out"
+    proc = run(
+        ["predict", cli_fit[1] / "model.json", generated, output,
+         "--scheduler", dask_client.scheduler.address],
+        env, tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == (
+        f"output '{output}' is not locked: its filesystem cannot lock"
+        f" '{tmp_path / '.out.lock'}' (No locks available), so a second run writing it at the"
+        " same time would not be refused; do not schedule overlapping runs on it."
+    )
+    assert lines[1].startswith("done: 3000 rows labelled"), proc.stdout
+    assert sorted(os.listdir(output)) == _parquet_names(generated)
+    assert sorted(os.listdir(tmp_path)) == ["out", "sitecustomize.py"]  # no lock file left
+
+
 def test_predict_labels_equal_the_fit_labels(
     workdir: Path, cli_fit: tuple[subprocess.CompletedProcess[str], Path], generated: Path,
     cli_env: dict[str, str], dask_client: Any,
