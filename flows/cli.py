@@ -124,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_cluster_options(fit)
 
     predict = sub.add_parser("predict", help="label Parquet data with a saved model")
-    predict.add_argument("model", help="model.json (or the fit's output directory)")
+    predict.add_argument("model", help="model.json (or the fit's output directory); path or fsspec URL")
     predict.add_argument("input", help="Parquet file, directory or glob")
     predict.add_argument("output", help="output directory: one labelled file per input file")
     predict.add_argument("--overwrite", action="store_true", help="replace an existing output")

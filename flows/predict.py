@@ -47,7 +47,7 @@ def kmeans_predict(
     """Label Parquet rows with the nearest mean of a saved model.
 
     Args:
-        model: model.json of a kmeans-fit run (or its output directory).
+        model: model.json of a kmeans-fit run (or its output directory); a path or fsspec URL.
         input: Parquet file, directory or glob to label.
         output: Output directory: one labelled file per input file.
         cluster: Dask cluster to compute on.

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -75,13 +76,24 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to model.json")
 
 
-def read_model(path: str | os.PathLike[str]) -> Model:
-    """Read and check a model file (or a fit's output directory holding one)."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, MODEL_FILE)
+def _filesystem(path: str, what: str) -> tuple[Any, str]:
+    """The fsspec filesystem of a local path or URL (a model may be copied to object storage
+    and applied from there) and the path within it; InputError if it cannot be opened."""
     try:
-        with open(path, encoding="utf-8") as handle:
+        return fsspec.core.url_to_fs(path)
+    except (ImportError, ValueError) as exc:  # the protocol's package missing, or unknown
+        raise InputError(f"{what} cannot be opened: {exc}") from None
+
+
+def read_model(path: str | os.PathLike[str]) -> Model:
+    """Read and check a model file (or a fit's output directory holding one), a local path or
+    any fsspec URL."""
+    path = os.fspath(path)
+    fs, inner = _filesystem(path, f"model '{path}'")
+    if fs.isdir(inner):
+        path, inner = f"{path.rstrip('/')}/{MODEL_FILE}", f"{inner.rstrip('/')}/{MODEL_FILE}"
+    try:
+        with fs.open(inner, "r", encoding="utf-8") as handle:
             content = json.load(handle)
     except FileNotFoundError:
         raise InputError(f"model '{path}' does not exist.") from None
@@ -109,14 +121,15 @@ def read_init_centers(
 ) -> np.ndarray:
     """Initial means for a warm start, shape (n_clusters, n_features).
 
-    ``path`` is a ``model.json`` of an earlier fit (or the directory holding one), or a Parquet
-    file of centres, one row per centre. With ``features`` (the fit's feature columns), the
+    ``path`` (a local path or any fsspec URL) is a ``model.json`` of an earlier fit (or the
+    directory holding one), or a Parquet file of centres, one row per centre. With ``features`` (the fit's feature columns), the
     model's features or the Parquet file's columns of those names are used, in the fit's
     order; without (an array fit), the model's centres or the Parquet file's numeric columns
     (but ``cluster`` and ``distance``) are taken as they are and only their number is checked.
     """
     path = os.fspath(path)
-    if os.path.isdir(path) or path.endswith(".json"):
+    fs, inner = _filesystem(path, f"init file '{path}'")
+    if path.endswith(".json") or fs.isdir(inner):
         model = read_model(path)
         what = f"init model '{model.path}'"
         centers = model.centers
@@ -130,7 +143,7 @@ def read_init_centers(
             centers = centers[:, [model.features.index(name) for name in features]]
     else:
         what = f"init file '{path}'"
-        centers = _read_center_table(path, features, what)
+        centers = _read_center_table(fs, inner, features, what)
     if centers.shape[1] != n_features:
         raise InputError(f"{what} has {centers.shape[1]} features; the input has {n_features}.")
     if centers.shape[0] != n_clusters:
@@ -140,9 +153,11 @@ def read_init_centers(
     return centers
 
 
-def _read_center_table(path: str, features: Sequence[str] | None, what: str) -> np.ndarray:
+def _read_center_table(
+    fs: Any, path: str, features: Sequence[str] | None, what: str
+) -> np.ndarray:
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(path, filesystem=fs)
     except FileNotFoundError:
         raise InputError(
             f"{what} does not exist; init should be auto, k-means||, k-means++, random,"

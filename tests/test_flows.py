@@ -269,6 +269,31 @@ def test_predict_flow_labels_equal_the_fit_labels(
     assert no_leftovers(predicted.parent, predicted.name) == []
 
 
+def test_predict_flow_applies_a_model_read_from_a_url(
+    fitted: dict[str, Any], small: tuple[Path, list[Path]], scheduler: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    """A model copied to object storage (here fsspec's in-memory filesystem, which the flow,
+    run in this process, sees) labels as the local one does."""
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    url = f"memory://{tmp_path.name}/model.json"
+    memory.put_file(str(fitted["output"] / "model.json"), url)
+    predicted = tmp_path / "predict-out"
+    try:
+        state = kmeans_predict(
+            model=url, input=str(small[0]), output=str(predicted), cluster=scheduler,
+            return_state=True,
+        )  # fmt: skip
+    finally:
+        memory.rm(f"memory://{tmp_path.name}", recursive=True)
+    assert state.is_completed(), state.message
+    for path in small[1]:
+        fit_labels = pq.read_table(fitted["output"] / "labels" / path.name)
+        assert pq.read_table(predicted / path.name).equals(fit_labels), path.name
+
+
 def test_predict_flow_on_a_filesystem_without_locks_warns_and_writes(
     fitted: dict[str, Any], small: tuple[Path, list[Path]], scheduler: dict[str, str],
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,

@@ -75,3 +75,31 @@ def test_refusals(tmp_path: Path, make: str, k: int, features, message: str) -> 
     width = 4 if features is None and make == "model" else 3
     with pytest.raises(InputError, match=re.escape(message.format(path=path))):
         read_init_centers(path, k, features, width)
+
+
+def test_model_and_centres_read_from_a_url(tmp_path: Path) -> None:
+    """A model copied to object storage is applied from there: any fsspec URL (here fsspec's
+    in-memory filesystem, in this process) reads as the local file does."""
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    root = f"memory://{tmp_path.name}"
+    memory.put_file(str(_model(tmp_path)), f"{root}/fit/model.json")
+    table = tmp_path / "c.parquet"
+    pq.write_table(pa.table({n: CENTERS[:, j] for j, n in enumerate("abc")}), table)
+    memory.put_file(str(table), f"{root}/c.parquet")
+    try:
+        for given in (f"{root}/fit", f"{root}/fit/", f"{root}/fit/model.json"):
+            model = read_model(given)
+            assert model.path == f"{root}/fit/model.json"
+            assert model.features == ("a", "b", "c")
+            np.testing.assert_array_equal(model.centers, CENTERS)
+        got = read_init_centers(f"{root}/fit", 2, ["c", "a", "b"], 3)
+        np.testing.assert_array_equal(got, CENTERS[:, [2, 0, 1]])
+        np.testing.assert_array_equal(read_init_centers(f"{root}/c.parquet", 2, None, 3), CENTERS)
+        with pytest.raises(InputError, match=re.escape(f"model '{root}/no/model.json' does not exist.")):
+            read_model(f"{root}/no/model.json")
+    finally:
+        memory.rm(root, recursive=True)
+    with pytest.raises(InputError, match=r"^model 'nosuch://x/model\.json' cannot be opened: "):
+        read_model("nosuch://x/model.json")
