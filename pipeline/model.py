@@ -122,10 +122,11 @@ def read_init_centers(
     """Initial means for a warm start, shape (n_clusters, n_features).
 
     ``path`` (a local path or any fsspec URL) is a ``model.json`` of an earlier fit (or the
-    directory holding one), or a Parquet file of centres, one row per centre. With ``features`` (the fit's feature columns), the
-    model's features or the Parquet file's columns of those names are used, in the fit's
-    order; without (an array fit), the model's centres or the Parquet file's numeric columns
-    (but ``cluster`` and ``distance``) are taken as they are and only their number is checked.
+    directory holding one), or a Parquet file of centres, one row per centre. With
+    ``features`` (the fit's feature columns), the model's features or the Parquet file's
+    columns of those names are used, in the fit's order; without (an array fit), the model's
+    centres or the Parquet file's numeric columns (but ``cluster`` and ``distance``) are taken
+    as they are and only their number is checked.
     """
     path = os.fspath(path)
     fs, inner = _filesystem(path, f"init file '{path}'")
