@@ -50,8 +50,6 @@ from .retries import FLOW_RETRIES, FLOW_RETRY_DELAY_SECONDS, retry_only_transien
 
 __all__ = ["FitInputs", "check_fit_inputs", "kmeans_fit"]
 
-#: Plain per-iteration lines for the command line; the CLI attaches a handler to it.
-
 
 class FitInputs(NamedTuple):
     """The checked inputs of a fit: the Parquet plan and the warm-start means, if any."""
@@ -203,7 +201,7 @@ def kmeans_fit(
         if warm_start is not None:
             n_init = 1
         tell(logger, f"input {input}: {_count(dataset.n_rows, 'row')} in"
-                      f" {_count(len(dataset.files), 'file')}, features {', '.join(dataset.features)}")  # fmt: skip
+                     f" {_count(len(dataset.files), 'file')}, features {', '.join(dataset.features)}")  # fmt: skip
 
         checkpoint_file = checkpoint.checkpoint_path(output)
         checkpoint_key = {"data": dataset.fingerprint()} | {
