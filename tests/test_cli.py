@@ -246,9 +246,9 @@ def test_predict_on_a_filesystem_without_locks_says_so_and_writes(
     cli_fit: tuple[subprocess.CompletedProcess[str], Path], generated: Path,
     cli_env: dict[str, str], dask_client: Any, tmp_path: Path,
 ) -> None:  # fmt: skip
-    """Where ``flock`` fails as NFS without its lock service makes it fail (this machine's
-    filesystems all lock: the run's ``flock`` is replaced at start-up), the run goes on and
-    its command line says that the output is not guarded."""
+    """Where ``flock`` fails, as on NFS without its lock service, the run goes on and its
+    command line says that the output is not guarded. This machine's filesystems all lock, so
+    the run's ``flock`` is replaced at start-up (``sitecustomize``)."""
     (tmp_path / "sitecustomize.py").write_text(
         "import errno, fcntl, os\n\n\n"
         "def _no_locks(fd, operation):\n"
