@@ -439,7 +439,7 @@ def stats_pass(
             tasks[key] = Task(key, _read_chunk_stats_task, spec, means, before, off, n_far)
     else:
         for key, (x, w, q, off) in zip(keys, data.blocks(), strict=True):
-            blocks = [None if b is None else TaskRef(b.key) for b in (x, w, q)]
+            blocks = [_ref(b) for b in (x, w, q)]
             tasks[key] = Task(key, _chunk_stats_task, *blocks, means, before, off, n_far)
             dependencies += [b for b in (x, w, q) if b is not None]
     combining, root = _reduce_tasks(f"combine-stats-{token}", keys, kernel.combine_stats)
