@@ -10,12 +10,11 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .parquet_io import OUTPUT_COLUMNS, InputError
+from .parquet_io import OUTPUT_COLUMNS, InputError, filesystem_of
 
 __all__ = [
     "MODEL_FILE",
@@ -76,20 +75,11 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to model.json")
 
 
-def _filesystem(path: str, what: str) -> tuple[Any, str]:
-    """The fsspec filesystem of a local path or URL (a model may be copied to object storage
-    and applied from there) and the path within it; InputError if it cannot be opened."""
-    try:
-        return fsspec.core.url_to_fs(path)
-    except (ImportError, ValueError) as exc:  # the protocol's package missing, or unknown
-        raise InputError(f"{what} cannot be opened: {exc}") from None
-
-
 def read_model(path: str | os.PathLike[str]) -> Model:
     """Read and check a model file (or a fit's output directory holding one), a local path or
     any fsspec URL."""
     path = os.fspath(path)
-    fs, inner = _filesystem(path, f"model '{path}'")
+    fs, inner = filesystem_of(path, f"model '{path}'")
     if fs.isdir(inner):
         path, inner = f"{path.rstrip('/')}/{MODEL_FILE}", f"{inner.rstrip('/')}/{MODEL_FILE}"
     try:
@@ -129,7 +119,7 @@ def read_init_centers(
     as they are and only their number is checked.
     """
     path = os.fspath(path)
-    fs, inner = _filesystem(path, f"init file '{path}'")
+    fs, inner = filesystem_of(path, f"init file '{path}'")
     if path.endswith(".json") or fs.isdir(inner):
         model = read_model(path)
         what = f"init model '{model.path}'"

@@ -40,6 +40,7 @@ __all__ = [
     "atomic_output_dir",
     "check_output_apart",
     "check_output_free",
+    "filesystem_of",
     "iter_labelled_batches",
     "labelled_file_name",
     "open_parquet",
@@ -196,10 +197,20 @@ def _is_numeric(field: pa.Field) -> bool:
     return pa.types.is_integer(field.type) or pa.types.is_floating(field.type)
 
 
+def filesystem_of(path: str, what: str) -> tuple[Any, str]:
+    """The fsspec filesystem of a local path or URL, and the path within it; an InputError
+    naming ``what`` when it cannot be opened (an unknown protocol, or its package, such as
+    s3fs, not installed)."""
+    try:
+        return fsspec.core.url_to_fs(path)
+    except (ImportError, ValueError) as exc:
+        raise InputError(f"{what} cannot be opened: {exc}") from None
+
+
 def _resolve_files(source: str | os.PathLike[str]) -> tuple[Any, list[str]]:
     """Expand a file, a directory or a glob into a sorted list of Parquet files."""
     text = os.fspath(source)
-    fs, path = fsspec.core.url_to_fs(text)
+    fs, path = filesystem_of(text, f"input '{text}'")
     if any(ch in path for ch in "*?[") and not fs.exists(path):  # "run[1]/" may be a real name
         files = sorted(p for p in fs.glob(path) if fs.isfile(p))
         if not files:

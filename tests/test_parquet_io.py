@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import importlib.util
 import os
 import re
 import subprocess
@@ -397,6 +398,17 @@ def test_missing_input(tmp_path: Path) -> None:
     (tmp_path / "empty" / "readme.txt").write_text("")
     with pytest.raises(InputError, match=r"input '.*empty' is a directory with no \.parquet files"):
         open_parquet(tmp_path / "empty")
+    # a URL whose filesystem cannot be opened: an unknown protocol, or one whose package
+    # (s3fs here, not a dependency) is not installed
+    with pytest.raises(
+        InputError, match=r"^input 'nosuch://bucket/points' cannot be opened: Protocol not known"
+    ):
+        open_parquet("nosuch://bucket/points")
+    if importlib.util.find_spec("s3fs") is None:
+        with pytest.raises(
+            InputError, match=r"^input 's3://bucket/points' cannot be opened: Install s3fs"
+        ):
+            open_parquet("s3://bucket/points")
 
 
 def test_not_a_parquet_file(tmp_path: Path) -> None:
