@@ -40,7 +40,8 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils
+from numba.core import cgutils, config
+from numba.core.codegen import get_host_cpu_features
 from numba.extending import intrinsic, models, overload, register_model
 
 __all__ = [
@@ -257,14 +258,33 @@ def _tile_nearest(XT, b, S2, cn, base, k, A, best, second, arg):  # pragma: no c
 #
 # LLVM's loop vectoriser keeps to 256-bit vectors on current x86 server cores and keeps loop
 # accumulators in memory; the float32 path below instead spells its inner loops with LLVM
-# vector types, so the products of 32 rows with 8 means stay in sixteen 16-lane registers over
-# all features, and each row's running best/second-best/label live in registers over all
-# means. On CPUs without 512-bit vectors LLVM splits the same code into narrower ones. The
+# vector types, so the products of a block of rows with a group of means stay in registers
+# over all features, and each row's running best/second-best/label live in registers over all
+# means. The block's shape follows the registers of the CPU that numba compiles for: with
+# AVX-512's thirty-two 512-bit registers, 32 rows by 8 means (sixteen accumulators); with
+# sixteen 256-bit registers (AVX2: AMD before Zen 4, many cloud machines), LLVM splits each
+# 16-lane vector in two, and that shape's 32 accumulators spilled to memory at every
+# multiply-add, so there the block is 16 rows by 6 means (twelve 256-bit halves; the
+# products and nearest means of a pass 1.48x as fast on a Zen 1 core). The
 # products are ``llvm.fma`` chains over the features, in order, from zero: the same rounding
-# as the scalar path (and as BLAS), on every CPU. The comparison stays in float32 (one add,
+# as the scalar path (and as BLAS), on every CPU and with either shape. The comparison stays in float32 (one add,
 # compare and two selects per 16 rows and mean): widening each product to float64 first took
 # a fifth of the pass at k=64, d=32.
 # --------------------------------------------------------------------------------------------
+
+
+def _compiles_for_avx512() -> bool:
+    """Whether numba compiles for a CPU with AVX-512: the features it targets (the host's,
+    unless ``NUMBA_CPU_FEATURES`` says otherwise), by which its cache of compiled code is keyed
+    too, so code cached on one kind of CPU is never run with the other's block shape."""
+    features = config.CPU_FEATURES
+    if features is None:
+        features = get_host_cpu_features()
+    return "+avx512f" in features.split(",")
+
+
+#: Which block shape the float32 pass compiles: 32 rows x 8 means (AVX-512) or 16 x 6.
+_WIDE_REGISTERS = _compiles_for_avx512()
 
 
 class _Vec(types.Type):
@@ -474,33 +494,42 @@ def _fold(typingctx, p, c, j, bo, so, ao, want_second):  # type: ignore[no-untyp
     return ret(_f32x16, _f32x16, _i32x16, _f32x16, _f32x16, _i32x16, types.boolean), codegen
 
 
-def _shuffle_transpose16(builder, rows):  # type: ignore[no-untyped-def]
-    """Transpose 16 vectors of 16 lanes in place (``rows[i][c]`` becomes ``rows[c][i]``)."""
-    h = 8
+def _shuffle_transpose(builder, rows):  # type: ignore[no-untyped-def]
+    """Transpose n vectors of n lanes in place (``rows[i][c]`` becomes ``rows[c][i]``)."""
+    n = len(rows)
+    h = n // 2
     while h:  # swap the off-diagonal h x h blocks of every 2h x 2h block
-        for i in range(16):
+        for i in range(n):
             if i & h:
                 continue
-            lo = [c if not c & h else 16 + c - h for c in range(16)]
-            hi = [c + h if not c & h else 16 + c for c in range(16)]
+            lo = [c if not c & h else n + c - h for c in range(n)]
+            hi = [c + h if not c & h else n + c for c in range(n)]
             a, b = rows[i], rows[i + h]
-            rows[i] = builder.shuffle_vector(a, b, _lanes(16, lo))
-            rows[i + h] = builder.shuffle_vector(a, b, _lanes(16, hi))
+            rows[i] = builder.shuffle_vector(a, b, _lanes(n, lo))
+            rows[i + h] = builder.shuffle_vector(a, b, _lanes(n, hi))
         h //= 2
 
 
 def _transpose16_codegen(context, builder, sources, oty, out, i0, j):  # type: ignore[no-untyped-def]
     """Load 16 float32 vectors from the pointers ``sources``, transpose them, and store vector
-    ``i`` at ``out[i0 + i, j:j + 16]``."""
-    vp = _f32x16.llvm.as_pointer()
-    rows = [builder.load(builder.bitcast(ptr, vp), align=4) for ptr in sources]
-    _shuffle_transpose16(builder, rows)
+    ``i`` at ``out[i0 + i, j:j + 16]``.
+
+    Without AVX-512 it goes by four 8 x 8 blocks: the 16-lane shuffles, split by LLVM into
+    256-bit ones, took 1.6 times as long on a Zen 1 core."""
     o = context.make_array(oty)(context, builder, out)
-    one = ir.Constant(i0.type, 1)
-    for i in range(16):
-        ptr = cgutils.get_item_pointer(context, builder, oty, o, [i0, j])
-        builder.store(rows[i], builder.bitcast(ptr, vp), align=4)
-        i0 = builder.add(i0, one)
+    n = 16 if _WIDE_REGISTERS else 8
+    vp = ir.VectorType(ir.FloatType(), n).as_pointer()
+    for r0 in range(0, 16, n):  # rows of the source block, columns of the output
+        for c0 in range(0, 16, n):  # and the other way round
+            offset = [ir.Constant(ir.IntType(64), c0)]
+            rows = [builder.load(builder.bitcast(builder.gep(sources[r0 + r], offset), vp), align=4)
+                    for r in range(n)]  # fmt: skip
+            _shuffle_transpose(builder, rows)
+            for c in range(n):
+                row = builder.add(i0, ir.Constant(i0.type, c0 + c))
+                col = builder.add(j, ir.Constant(j.type, r0))
+                ptr = cgutils.get_item_pointer(context, builder, oty, o, [row, col])
+                builder.store(rows[c], builder.bitcast(ptr, vp), align=4)
     return context.get_dummy_value()
 
 
@@ -694,6 +723,86 @@ def _tile_nearest32_body(
 
 
 @numba.njit(nogil=True, cache=True)
+def _fold16(p, c, j, st, want_second):  # pragma: no cover
+    """``_fold32`` for 16 rows: the state is (best, second, label) of those rows."""
+    b0, s0, a0 = st
+    return _fold(p, _splat16(np.float32(c)), _splat_i32x16(np.int32(j)), b0, s0, a0, want_second)
+
+
+@numba.njit(nogil=True, cache=True)
+def _tile_nearest16(
+    XT, b, S2, cn, base, k, best, second, arg, want_second, X, pf_lo, pf_hi
+):  # pragma: no cover
+    """``_tile_nearest32`` for CPUs with sixteen 256-bit registers: 16 rows at a time."""
+    if want_second:
+        _tile_nearest16_body(XT, b, S2, cn, base, k, best, second, arg, True, X, pf_lo, pf_hi)
+    else:
+        _tile_nearest16_body(XT, b, S2, cn, base, k, best, second, arg, False, X, pf_lo, pf_hi)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _tile_nearest16_body(
+    XT, b, S2, cn, base, k, best, second, arg, want_second, X, pf_lo, pf_hi
+):  # pragma: no cover
+    """``_tile_nearest32_body`` with blocks of 16 rows and groups of 6 means, then pairs, then
+    one (a pair's four 256-bit chains still hide most of the multiply-add's latency; a single
+    mean's two do not). The same products and comparisons, in the same order per row and
+    mean, so the same results bit for bit."""
+    d = XT.shape[0]
+    inf = _splat16(np.float32(np.inf))
+    zero = _splat16(np.float32(0))
+    groups = max(k // 6, 1)
+    pf_step = -(-d // groups) * 16  # elements per group of means: whole 64-byte lines
+    for i0 in range(0, b, 16):
+        pf = pf_lo + i0 * d
+        pf_end = min(pf + 16 * d, pf_hi)
+        st = (inf, inf, _splat_i32x16(np.int32(0)))
+        j = 0
+        while j + 6 <= k:
+            jj = base + j
+            for e in range(pf, min(pf + pf_step, pf_end), 16):
+                _prefetch(X, e)
+            pf += pf_step
+            p0, p1, p2, p3, p4, p5 = zero, zero, zero, zero, zero, zero
+            for f in range(d):
+                x = _load16(XT[f], i0)
+                p0 = _fma16(_splat16(S2[jj, f]), x, p0)
+                p1 = _fma16(_splat16(S2[jj + 1, f]), x, p1)
+                p2 = _fma16(_splat16(S2[jj + 2, f]), x, p2)
+                p3 = _fma16(_splat16(S2[jj + 3, f]), x, p3)
+                p4 = _fma16(_splat16(S2[jj + 4, f]), x, p4)
+                p5 = _fma16(_splat16(S2[jj + 5, f]), x, p5)
+            st = _fold16(p0, cn[jj], j, st, want_second)
+            st = _fold16(p1, cn[jj + 1], j + 1, st, want_second)
+            st = _fold16(p2, cn[jj + 2], j + 2, st, want_second)
+            st = _fold16(p3, cn[jj + 3], j + 3, st, want_second)
+            st = _fold16(p4, cn[jj + 4], j + 4, st, want_second)
+            st = _fold16(p5, cn[jj + 5], j + 5, st, want_second)
+            j += 6
+        for e in range(pf, pf_end, 16):  # what the groups left (k < 6)
+            _prefetch(X, e)
+        while j + 2 <= k:
+            jj = base + j
+            p0, p1 = zero, zero
+            for f in range(d):
+                x = _load16(XT[f], i0)
+                p0 = _fma16(_splat16(S2[jj, f]), x, p0)
+                p1 = _fma16(_splat16(S2[jj + 1, f]), x, p1)
+            st = _fold16(p0, cn[jj], j, st, want_second)
+            st = _fold16(p1, cn[jj + 1], j + 1, st, want_second)
+            j += 2
+        if j < k:
+            p0 = zero
+            for f in range(d):
+                p0 = _fma16(_splat16(S2[base + j, f]), _load16(XT[f], i0), p0)
+            st = _fold16(p0, cn[base + j], j, st, want_second)
+        b0, s0, a0 = st
+        _store_wide16(best, i0, b0)
+        _store_wide16(second, i0, s0)
+        _store_i32x16(arg, i0, a0)
+
+
+@numba.njit(nogil=True, cache=True)
 def _accumulate(X, start, b, xt, w, has_w, best, arg, labels, d1, sums, counts, loss, count):
     # pragma: no cover
     """Rows ``start..start+b`` of one restart (``xt``: their squared norms): labels and
@@ -773,9 +882,11 @@ def _nearest_tile_impl(XT, b, S2, cn, base, k, A, best, second, arg, want_second
     if XT.dtype == types.float32:
         contiguous = X.layout == "C"
 
+        tile_nearest = _tile_nearest32 if _WIDE_REGISTERS else _tile_nearest16
+
         def nearest32(XT, b, S2, cn, base, k, A, best, second, arg, want_second, X, pf_lo, pf_hi):  # type: ignore[no-untyped-def]
             hi = pf_hi if contiguous else pf_lo
-            _tile_nearest32(XT, b, S2, cn, base, k, best, second, arg, want_second, X, pf_lo, hi)
+            tile_nearest(XT, b, S2, cn, base, k, best, second, arg, want_second, X, pf_lo, hi)
 
         return nearest32
 

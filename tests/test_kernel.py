@@ -11,6 +11,7 @@ import itertools
 import pickle
 from functools import reduce
 
+import numba
 import numpy as np
 import pytest
 from conftest import blobs
@@ -553,6 +554,68 @@ def test_vector_types_unpickle_by_name() -> None:
         assert pickle.loads(pickle.dumps(t)) is t
     gone = kernel._Vec("kmeans_gd.gone", 4, ir.IntType(8))
     assert pickle.loads(pickle.dumps(gone)) == "kmeans_gd.gone"
+
+
+# --------------------------------------------------------------------------------------------
+# Both block shapes of the float32 pass, whichever this CPU compiles into it
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 6, 7, 8, 9, 13, 17, 64])
+@pytest.mark.parametrize("want_second", [False, True])
+def test_both_block_shapes_agree_bit_for_bit(k: int, want_second: bool) -> None:
+    # 32 rows x 8 means (AVX-512) and 16 rows x 6 means (AVX2) must give the same values and
+    # labels, so that a fit's result never depends on the CPUs its workers run on
+    d, b = 13, 96 - 5  # a ragged tile: the SIMD paths read it zero-padded to 96 columns
+    rng = np.random.default_rng(k)
+    X = rng.normal(size=(b, d)).astype(np.float32)
+    X[7] = X[3]
+    C = rng.normal(size=(k, d))
+    if k > 2:
+        C[2] = C[1]  # an exact tie between means: the lower label wins
+    S2 = np.ascontiguousarray(C.astype(np.float32) * np.float32(-2))
+    cn = kernel.row_sq_norms(C.astype(np.float32))
+    XT = np.zeros((d, 96), dtype=np.float32)
+    XT[:, :b] = X.T
+    results = []
+    for tile_nearest in (kernel._tile_nearest32, kernel._tile_nearest16):
+        best, second = np.full(96, np.nan), np.full(96, np.nan)
+        arg = np.full(96, -1, dtype=np.int32)
+        tile_nearest(XT, b, S2, cn, 0, k, best, second, arg, want_second, X, 0, 0)
+        results.append((best[:b], second[:b], arg[:b]))
+    (best, second, arg), (best16, second16, arg16) = results
+    np.testing.assert_array_equal(arg16, arg)
+    np.testing.assert_array_equal(best16, best)
+    D = _ref_distances(X, C)
+    xsq = (X.astype(np.float64) ** 2).sum(axis=1)
+    np.testing.assert_array_equal(arg, D.argmin(axis=1))
+    np.testing.assert_allclose(xsq + best, D.min(axis=1), rtol=1e-5, atol=1e-4)
+    if want_second:
+        np.testing.assert_array_equal(second16, second)
+        expected = np.sort(D, axis=1)[:, 1] if k > 1 else np.full(b, np.inf)
+        np.testing.assert_allclose(xsq + second, expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("wide", [True, False])
+def test_both_transpositions(monkeypatch: pytest.MonkeyPatch, wide: bool) -> None:
+    # the 16 x 16 blocks are transposed by 16-lane shuffles with AVX-512 and by four 8 x 8
+    # blocks without: compile each here, whichever this CPU uses, and check it is the one asked
+    monkeypatch.setattr(kernel, "_WIDE_REGISTERS", wide)
+
+    @numba.njit
+    def transpose(src, dst):  # type: ignore[no-untyped-def]
+        kernel._transpose16(src, 3, 16, dst, 32)
+
+    src = np.arange(40 * 37, dtype=np.float32).reshape(40, 37)
+    dst = np.full((37, 50), -1.0, dtype=np.float32)
+    transpose(src, dst)
+    expected = np.full((37, 50), -1.0, dtype=np.float32)
+    expected[16:32, 32:48] = src[3:19, 16:32].T
+    np.testing.assert_array_equal(dst, expected)
+    ir_text = next(iter(transpose.inspect_llvm().values()))
+    lanes, other = (16, 8) if wide else (8, 16)
+    assert f"shufflevector <{lanes} x float>" in ir_text
+    assert f"shufflevector <{other} x float>" not in ir_text
 
 
 @pytest.mark.parametrize("d, m", [(1, 1), (3, 5), (16, 16), (32, 65536 + 7), (37, 53)])
