@@ -265,11 +265,11 @@ def _tile_nearest(XT, b, S2, cn, base, k, A, best, second, arg):  # pragma: no c
 # sixteen 256-bit registers (AVX2: AMD before Zen 4, many cloud machines), LLVM splits each
 # 16-lane vector in two, and that shape's 32 accumulators spilled to memory at every
 # multiply-add, so there the block is 16 rows by 6 means (twelve 256-bit halves; the
-# products and nearest means of a pass 1.48x as fast on a Zen 1 core). The
-# products are ``llvm.fma`` chains over the features, in order, from zero: the same rounding
-# as the scalar path (and as BLAS), on every CPU and with either shape. The comparison stays in float32 (one add,
-# compare and two selects per 16 rows and mean): widening each product to float64 first took
-# a fifth of the pass at k=64, d=32.
+# products and nearest means of a pass 1.48x as fast on a Zen 1 core). The products are
+# ``llvm.fma`` chains over the features, in order, from zero: the same rounding as the scalar
+# path (and as BLAS), on every CPU and with either shape. The comparison stays in float32 (one
+# add, compare and two selects per 16 rows and mean): widening each product to float64 first
+# took a fifth of the pass at k=64, d=32.
 # --------------------------------------------------------------------------------------------
 
 
