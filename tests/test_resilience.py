@@ -34,7 +34,7 @@ def external_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         subprocess.Popen(
             [*PYTHON_M, "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
              "--dashboard-address", ":0", "--scheduler-file", str(scheduler_file)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
     ]  # fmt: skip
     deadline = time.monotonic() + 60
@@ -47,6 +47,7 @@ def external_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 [*PYTHON_M, "distributed.cli.dask_worker", "--scheduler-file", str(scheduler_file),
                  "--nthreads", "1", "--host", "127.0.0.1", "--dashboard-address", ":0"],
                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True,
             )
         )  # fmt: skip
     try:
@@ -54,13 +55,17 @@ def external_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             client.wait_for_workers(2, timeout=120)
             yield client.scheduler.address
     finally:
+        # each process in a session of its own, so that a nanny goes with its worker: the nanny
+        # whose worker was killed and restarted took 20 s to exit on SIGTERM
         for proc in reversed(procs):
-            proc.send_signal(signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
         for proc in procs:
             try:
-                proc.wait(timeout=20)
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 @pytest.fixture(scope="module")
