@@ -8,7 +8,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import dask.config
 import distributed
@@ -188,22 +190,20 @@ def _compiled_in_workers(env: dict[str, str], *args: str) -> list[list[int]]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_local_cluster_workers_load_the_kernel_compiled_before_them(tmp_path) -> None:
+def _local_cluster_compiled(root: Path) -> list[list[int]]:
     # A first run (here: an empty numba cache): the parent compiles the kernel before starting
     # the workers, which load it from the cache instead of each compiling it (13 s of CPU and
     # some 90 MB of memory per worker, kept).
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache")}
-    [(misses, dispatchers)] = _compiled_in_workers(env)
-    assert dispatchers > 10
-    assert misses == 0
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(root / "numba-cache")}
+    return _compiled_in_workers(env)
 
 
-def test_deployed_workers_load_the_kernel_their_nanny_compiled(tmp_path) -> None:
+def _deployed_worker_compiled(root: Path) -> list[list[int]]:
     # `dask worker --preload-nanny pipeline.preload`, as deploy/ starts workers, on an empty
     # numba cache: the worker finds the kernel compiled (without the preload it compiled 17)
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache"),
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(root / "numba-cache"),
            "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}  # fmt: skip
-    scheduler_file = tmp_path / "scheduler.json"
+    scheduler_file = root / "scheduler.json"
     python_m = [sys.executable, "-m"]
     procs = [
         subprocess.Popen(
@@ -223,9 +223,7 @@ def test_deployed_workers_load_the_kernel_their_nanny_compiled(tmp_path) -> None
         while not scheduler_file.exists():
             assert time.monotonic() < deadline, "dask scheduler did not start"
             time.sleep(0.1)
-        [(misses, dispatchers)] = _compiled_in_workers(env, str(scheduler_file))
-        assert dispatchers > 10
-        assert misses == 0
+        return _compiled_in_workers(env, str(scheduler_file))
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -234,6 +232,41 @@ def test_deployed_workers_load_the_kernel_their_nanny_compiled(tmp_path) -> None
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+@pytest.fixture(scope="module")
+def compiled_in_workers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Both first runs side by side, each with an empty numba cache of its own: compiling
+    takes one core for about 30 s, so together they take little more than one."""
+    scenarios = {"local": _local_cluster_compiled, "deployed": _deployed_worker_compiled}
+    with ThreadPoolExecutor(max_workers=len(scenarios)) as pool:
+        futures = {
+            name: pool.submit(run, tmp_path_factory.mktemp(name)) for name, run in scenarios.items()
+        }
+        # an exception is kept and raised in the test that asks for it
+        return {name: future.exception() or future.result() for name, future in futures.items()}
+
+
+def _result(runs: dict[str, Any], name: str) -> list[list[int]]:
+    if isinstance(runs[name], BaseException):
+        raise runs[name]
+    return runs[name]
+
+
+def test_local_cluster_workers_load_the_kernel_compiled_before_them(
+    compiled_in_workers: dict[str, Any],
+) -> None:
+    [(misses, dispatchers)] = _result(compiled_in_workers, "local")
+    assert dispatchers > 10
+    assert misses == 0
+
+
+def test_deployed_workers_load_the_kernel_their_nanny_compiled(
+    compiled_in_workers: dict[str, Any],
+) -> None:
+    [(misses, dispatchers)] = _result(compiled_in_workers, "deployed")
+    assert dispatchers > 10
+    assert misses == 0
 
 
 def test_local_cluster_default_spec() -> None:
