@@ -38,7 +38,10 @@ def _prepare_prefect_environment() -> None:
         os.environ.setdefault("PREFECT_API_BLOCKS_REGISTER_ON_START", "false")
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     # Prefect may already be imported (``python -m flows.cli`` imports the flows first) and
-    # has then set up its console handler; quiet that one directly.
+    # has then set up its console handler; quiet that one directly. Otherwise it is imported
+    # only once the inputs are checked.
+    if "prefect" not in sys.modules:
+        return
     from prefect.logging.handlers import PrefectConsoleHandler
 
     for handler in logging.getLogger().handlers:
@@ -185,7 +188,14 @@ def _validated(flow: Any, parameters: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_fit(args: argparse.Namespace) -> int:
-    from flows.fit import check_fit_inputs, kmeans_fit
+    from flows.inputs import check_fit_data, check_fit_options
+
+    # the data and the output first, before Prefect is imported: refused in about a second
+    dataset = check_fit_data(
+        args.input, args.output, features=args.features, id_column=args.id_column,
+        weight_column=args.weight_column, dtype=args.dtype, overwrite=args.overwrite,
+    )  # fmt: skip
+    from flows.fit import kmeans_fit
 
     parameters = {
         "input": args.input, "output": args.output, "k": args.k, "features": args.features,
@@ -197,11 +207,7 @@ def _run_fit(args: argparse.Namespace) -> int:
         "overwrite": args.overwrite, "resume": args.resume,
     }  # fmt: skip
     _validated(kmeans_fit, parameters)
-    check_fit_inputs(
-        args.input, args.output, args.k, features=args.features, id_column=args.id_column,
-        weight_column=args.weight_column, dtype=args.dtype, overwrite=args.overwrite,
-        init=args.init, step=args.step, n_init=args.n_init,
-    )  # fmt: skip
+    check_fit_options(dataset, args.input, args.k, init=args.init, step=args.step, n_init=args.n_init)
     started = time.perf_counter()
     result = kmeans_fit(**parameters)
     _print_summary(result, time.perf_counter() - started)
@@ -209,14 +215,16 @@ def _run_fit(args: argparse.Namespace) -> int:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from flows.predict import check_predict_inputs, kmeans_predict
+    from flows.inputs import check_predict_inputs
+
+    check_predict_inputs(args.model, args.input, args.output, overwrite=args.overwrite)
+    from flows.predict import kmeans_predict
 
     parameters = {
         "model": args.model, "input": args.input, "output": args.output,
         "cluster": _cluster_parameter(args), "overwrite": args.overwrite,
     }  # fmt: skip
     _validated(kmeans_predict, parameters)
-    check_predict_inputs(args.model, args.input, args.output, overwrite=args.overwrite)
     started = time.perf_counter()
     result = kmeans_predict(**parameters)
     print(

@@ -10,9 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal
 
-import numpy as np
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -32,66 +31,21 @@ from pipeline.cluster import (
 )
 from pipeline.estimator import (
     DEFAULT_BATCH_SIZE,
-    INIT_METHODS,
-    check_minibatch_restarts,
     initial_centers,
     resolve_init,
-    validate_n_clusters,
 )
 from pipeline.fit import FitResult, FitState, IterationReport, fit_means
 from pipeline.minibatch import MinibatchReport, fit_minibatch
-from pipeline.model import MODEL_FILE, read_init_centers, write_model
+from pipeline.model import MODEL_FILE, write_model
 from pipeline.optimizer import make_step_rule
 from pipeline.passes import choose_cache, chunk_bytes_for, data_from_parquet, label_files
 
+from .inputs import check_fit_inputs
 from .params import ClusterChoice, LocalDask, to_cluster_spec
 from .progress import tell
 from .retries import FLOW_RETRIES, FLOW_RETRY_DELAY_SECONDS, retry_only_transient_failures
 
-__all__ = ["FitInputs", "check_fit_inputs", "kmeans_fit"]
-
-
-class FitInputs(NamedTuple):
-    """The checked inputs of a fit: the Parquet plan and the warm-start means, if any."""
-
-    dataset: parquet_io.ParquetDataset
-    warm_start: np.ndarray | None  # (k, d)
-
-
-def check_fit_inputs(
-    input: str,
-    output: str,
-    k: int,
-    *,
-    features: list[str] | None,
-    id_column: str | None,
-    weight_column: str | None,
-    dtype: str,
-    overwrite: bool,
-    init: str = "auto",
-    step: str = "newton",
-    n_init: int = 1,
-) -> FitInputs:
-    """Everything that can be checked from the footers and the warm-start file, before any
-    cluster is started."""
-    parquet_io.check_output_free(output, overwrite=overwrite)
-    dataset = parquet_io.open_parquet(
-        input, features=features, id_column=id_column, weight_column=weight_column, dtype=dtype
-    )
-    parquet_io.check_output_apart(output, input, dataset)
-    try:
-        validate_n_clusters(k, dataset.n_rows)
-    except ValueError as exc:
-        raise parquet_io.InputError(f"k={k} is larger than the {dataset.n_rows} rows of input '{input}'.") from exc
-    warm = None
-    if init not in INIT_METHODS:
-        warm = read_init_centers(init, k, dataset.features, dataset.n_features)
-    if step == "minibatch":
-        try:
-            check_minibatch_restarts(n_init, init)
-        except ValueError as exc:
-            raise parquet_io.InputError(str(exc)) from None
-    return FitInputs(dataset, warm)
+__all__ = ["kmeans_fit"]
 
 
 def _iteration_line(report: IterationReport) -> str:

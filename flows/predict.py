@@ -10,25 +10,14 @@ from pydantic import Field
 
 from pipeline import parquet_io
 from pipeline.cluster import dask_client
-from pipeline.model import Model, read_model
 from pipeline.passes import label_files
 
+from .inputs import check_predict_inputs
 from .params import ClusterChoice, LocalDask, to_cluster_spec
 from .progress import tell
 from .retries import FLOW_RETRIES, FLOW_RETRY_DELAY_SECONDS, retry_only_transient_failures
 
-__all__ = ["check_predict_inputs", "kmeans_predict"]
-
-
-def check_predict_inputs(
-    model: str, input: str, output: str, *, overwrite: bool
-) -> tuple[Model, parquet_io.ParquetDataset]:
-    """Everything that can be checked from the model file and the footers."""
-    parquet_io.check_output_free(output, overwrite=overwrite)
-    saved = read_model(model)
-    dataset = parquet_io.open_parquet(input, features=list(saved.features), dtype=saved.dtype)
-    parquet_io.check_output_apart(output, input, dataset, keep=[("model", saved.path)])
-    return saved, dataset
+__all__ = ["kmeans_predict"]
 
 
 @flow(
