@@ -190,7 +190,7 @@ def _validated(flow: Any, parameters: dict[str, Any]) -> dict[str, Any]:
 def _run_fit(args: argparse.Namespace) -> int:
     from flows.inputs import check_fit_data, check_fit_options
 
-    # the data and the output first, before Prefect is imported: refused in about a second
+    # the data and the output first, before Prefect is imported (see flows.inputs)
     dataset = check_fit_data(
         args.input, args.output, features=args.features, id_column=args.id_column,
         weight_column=args.weight_column, dtype=args.dtype, overwrite=args.overwrite,
