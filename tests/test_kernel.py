@@ -569,7 +569,7 @@ def test_both_block_shapes_agree_bit_for_bit(k: int, want_second: bool) -> None:
     d, b = 13, 96 - 5  # a ragged tile: the SIMD paths read it zero-padded to 96 columns
     rng = np.random.default_rng(k)
     X = rng.normal(size=(b, d)).astype(np.float32)
-    X[7] = X[3]
+    X[7] = X[3]  # a repeated row: the same label and values
     C = rng.normal(size=(k, d))
     if k > 2:
         C[2] = C[1]  # an exact tie between means: the lower label wins
