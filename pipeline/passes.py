@@ -142,9 +142,43 @@ class DaskData:
 
     def persist(self) -> DaskData:
         """Hold the rows (and their squared norms) in the workers' memory."""
-        xsq = self.X.map_blocks(kernel.row_sq_norms, drop_axis=1, dtype=np.float64)
-        X, weights, xsq = dask.persist(self.X, self.weights, xsq, retries=RETRIES)
+        if self.read_specs is not None:
+            X, weights, xsq = self._read_with_norms()
+        else:
+            X, weights = self.X, self.weights
+            xsq = X.map_blocks(kernel.row_sq_norms, drop_axis=1, dtype=np.float64)
+        X, weights, xsq = dask.persist(X, weights, xsq, retries=RETRIES)
         return replace(self, X=X, weights=weights, xsq=xsq, read_blocks=None, read_specs=None)
+
+    def _read_with_norms(self) -> tuple[da.Array, da.Array | None, da.Array]:
+        """Rows read from Parquet, their weights and their squared norms, all three from one
+        task per chunk that computes the norms of the rows it has just read.
+
+        With a task of their own for the norms, run after the read on rows no longer in cache,
+        loading 10M x 32 rows into two fresh workers took 2.8-3.6 s instead of 2.3-2.5 s.
+        """
+        assert self.read_specs is not None
+        d, dtype = self.n_features, self.X.dtype
+        token = tokenize(self.X.name)
+        parts = [
+            delayed(_read_chunk_with_norms, pure=True, nout=3)(
+                *spec, dask_key_name=f"read-parquet-norms-{token}-{i}"
+            )
+            for i, spec in enumerate(self.read_specs)
+        ]
+        sizes = self.X.chunks[0]
+
+        def column(j: int, shape: Callable[[int], tuple[int, ...]], of: Any) -> da.Array:
+            return da.concatenate(
+                [
+                    da.from_delayed(p[j], shape=shape(n), dtype=of)
+                    for p, n in zip(parts, sizes, strict=True)
+                ]
+            )
+
+        X = column(0, lambda n: (n, d), dtype)
+        weights = None if self.weights is None else column(1, lambda n: (n,), np.float64)
+        return X, weights, column(2, lambda n: (n,), np.float64)
 
 
 def data_from_array(X: Any, sample_weight: Any = None, dtype: Any = None) -> DaskData:
@@ -324,6 +358,13 @@ def _chunk_stats_task(
     return kernel.chunk_stats(
         X, centers, weights=weights, xsq=xsq, previous=previous, offset=offset, n_far=n_far
     )
+
+
+def _read_chunk_with_norms(
+    dataset: parquet_io.ParquetDataset, chunk: parquet_io.Chunk, dtype: Any
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    X, weights = parquet_io.read_chunk(dataset, chunk, dtype)
+    return X, weights, kernel.row_sq_norms(X)
 
 
 def _read_chunk_stats_task(

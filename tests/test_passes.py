@@ -309,6 +309,35 @@ def test_held_rows_are_reduced_by_one_task_per_worker_where_they_are(
     assert (got.n_rows, got.sq_total) == (expected.n_rows, expected.sq_total)
 
 
+def test_persisting_parquet_rows_reads_each_chunk_in_one_task_with_its_norms(
+    tmp_path: Path, dask_client
+) -> None:
+    # the squared norms come from the task that read the rows, while they are in cache, not
+    # from a task of their own
+    from dask.utils import key_split
+    from distributed import futures_of, get_task_stream, wait
+
+    X = blobs(n=900, d=3, k=3, seed=9)
+    w = np.random.default_rng(9).uniform(0.5, 2.0, size=len(X))
+    for i, (lo, hi) in enumerate(itertools.pairwise([0, 400, 900])):
+        write_parquet(tmp_path / "in" / f"part-{i}.parquet", X[lo:hi], row_group_rows=50,
+                      extra={"w": w[lo:hi]})  # fmt: skip
+    ds = open_parquet(tmp_path / "in", weight_column="w", chunk_bytes=4 * 3 * 150)
+    read = data_from_parquet(ds)
+    with get_task_stream(dask_client) as stream:
+        held = read.persist()
+        wait(futures_of(held.X) + futures_of(held.weights) + futures_of(held.xsq))
+    computed = [key_split(rec["key"]) for rec in stream.data]
+    assert computed.count("read-parquet-norms") == len(ds.chunks) > 2
+    assert not {"row_sq_norms", "read-parquet"} & set(computed)
+    X32 = X.astype(np.float32)
+    np.testing.assert_array_equal(held.X.compute(), X32)
+    np.testing.assert_array_equal(held.weights.compute(), w)
+    np.testing.assert_array_equal(held.xsq.compute(), kernel.row_sq_norms(X32))
+    centers = np.stack([_centers(X, 3, s) for s in range(2)])
+    _assert_same_stats(stats_pass(held, centers, n_far=4), stats_pass(read, centers, n_far=4))
+
+
 def test_held_rows_follow_the_chunks_where_the_cluster_put_them(dask_client) -> None:
     from distributed import futures_of, get_task_stream
 
