@@ -42,7 +42,7 @@ from pipeline.passes import choose_cache, chunk_bytes_for, data_from_parquet, la
 
 from .inputs import check_fit_inputs
 from .params import ClusterChoice, LocalDask, to_cluster_spec
-from .progress import tell
+from .progress import in_background, tell
 from .retries import FLOW_RETRIES, FLOW_RETRY_DELAY_SECONDS, retry_only_transient_failures
 
 __all__ = ["kmeans_fit"]
@@ -192,12 +192,6 @@ def kmeans_fit(
                 description=f"k-means fit of {input}: iterations done out of at most {max_iter}",
             )  # fmt: skip
 
-            def on_iteration(report_: IterationReport) -> None:
-                checkpoint.save_checkpoint(checkpoint_file, checkpoint_key, report_.state)
-                tell(logger, _iteration_line(report_), report_.notes)
-                done = 100.0 if report_.state.done else 100.0 * report_.iteration / max_iter
-                update_progress_artifact(progress, progress=done)
-
             def on_batch(report_: MinibatchReport) -> None:
                 tell(logger, _batch_line(report_), report_.notes)
                 update_progress_artifact(progress, progress=100.0 * report_.iteration / max_iter)
@@ -209,9 +203,21 @@ def kmeans_fit(
                     final_pass=False,  # the label pass below gives the inertia and the sizes
                 ))  # fmt: skip
             else:
-                result = fit_means(
-                    data, state, max_iter=max_iter, tol=tol, step=step_rule, on_iteration=on_iteration
-                )
+                # checkpoints and progress are written while the next pass runs: at a crash the
+                # checkpoint is at most one iteration behind; a failed write stops the fit one
+                # pass later
+                with in_background() as later:
+
+                    def on_iteration(report_: IterationReport) -> None:
+                        record = checkpoint.checkpoint_record(checkpoint_key, report_.state)
+                        tell(logger, _iteration_line(report_), report_.notes)
+                        done = 100.0 if report_.state.done else 100.0 * report_.iteration / max_iter
+                        later(lambda: checkpoint.write_checkpoint(checkpoint_file, record))
+                        later(lambda: update_progress_artifact(progress, progress=done))
+
+                    result = fit_means(
+                        data, state, max_iter=max_iter, tol=tol, step=step_rule, on_iteration=on_iteration
+                    )
             tell(logger, None, result.notes)
 
             with parquet_io.atomic_output_dir(output, overwrite=overwrite) as tmp:

@@ -1,13 +1,17 @@
 """Progress lines and notes of a run: to the run's log (and so the Prefect UI) and to the
-command line, whose console shows Prefect's own log records only from errors up."""
+command line, whose console shows Prefect's own log records only from errors up; and the
+bookkeeping of each iteration (checkpoint, progress artifact), done while the next pass runs."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["progress_logger", "tell"]
+__all__ = ["in_background", "progress_logger", "tell"]
 
 #: The command line prints this logger's records (``flows.cli``); nothing else handles it.
 progress_logger = logging.getLogger("kmeans_gd.progress")
@@ -21,3 +25,34 @@ def tell(logger: Any, line: str | None, notes: Sequence[str] = ()) -> None:
     for note in notes:
         logger.warning(note)
         progress_logger.info(note)
+
+
+@contextlib.contextmanager
+def in_background() -> Iterator[Callable[[Callable[[], object]], None]]:
+    """Yield ``run(call)``, which queues ``call`` to a thread of its own and returns at once.
+
+    Calls run one at a time, in the order queued, each with the caller's context variables
+    (Prefect's run context). A failed call's error is raised by the next ``run``, or on exit
+    after the queued calls have finished; an error of the caller's own is never replaced.
+
+    An iteration's checkpoint (written and fsync'ed) and progress artifact (a call to the
+    Prefect API) took 27-38 ms between two passes of 0.9 s (10M x 32 rows, k = 64, a local
+    temporary server); with a remote API or a network filesystem, more.
+    """
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kmeans-gd-bookkeeping")
+    queued: list[Future[object]] = []
+
+    def run(call: Callable[[], object]) -> None:
+        for future in [f for f in queued if f.done()]:
+            queued.remove(future)
+            future.result()
+        queued.append(executor.submit(contextvars.copy_context().run, call))
+
+    try:
+        yield run
+    except BaseException:
+        executor.shutdown(wait=True)
+        raise
+    executor.shutdown(wait=True)
+    for future in queued:
+        future.result()

@@ -21,9 +21,11 @@ from .parquet_io import InputError
 __all__ = [
     "CheckpointMismatchError",
     "checkpoint_path",
+    "checkpoint_record",
     "load_checkpoint",
     "remove_checkpoint",
     "save_checkpoint",
+    "write_checkpoint",
 ]
 
 FORMAT = "kmeans-gd/checkpoint/v1"
@@ -49,7 +51,7 @@ def _state_to_json(state: FitState) -> dict[str, Any]:
         "active": state.active.tolist(),
         "stop_reason": list(state.stop_reason),
         "final_loss": state.final_loss.tolist(),
-        "history": state.history,
+        "history": [list(records) for records in state.history],  # records, once made, stay
     }
 
 
@@ -68,9 +70,19 @@ def _state_from_json(record: dict[str, Any]) -> FitState:
     )
 
 
+def checkpoint_record(key: dict[str, Any], state: FitState) -> dict[str, Any]:
+    """What ``write_checkpoint`` writes: a copy of the state, which the fit may go on changing
+    while the copy is written."""
+    return {"format": FORMAT, "key": key, "state": _state_to_json(state)}
+
+
 def save_checkpoint(path: str, key: dict[str, Any], state: FitState) -> None:
     """Write the state atomically: a reader sees the previous checkpoint or this one, whole."""
-    record = {"format": FORMAT, "key": key, "state": _state_to_json(state)}
+    write_checkpoint(path, checkpoint_record(key, state))
+
+
+def write_checkpoint(path: str, record: dict[str, Any]) -> None:
+    """Write a ``checkpoint_record`` atomically (see ``save_checkpoint``)."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(record, handle)

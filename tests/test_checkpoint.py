@@ -18,8 +18,10 @@ import pytest
 from pipeline.checkpoint import (
     CheckpointMismatchError,
     checkpoint_path,
+    checkpoint_record,
     load_checkpoint,
     save_checkpoint,
+    write_checkpoint,
 )
 from pipeline.fit import FitState
 
@@ -53,6 +55,21 @@ def test_round_trip_is_exact(tmp_path: Path) -> None:
     assert loaded.stop_reason == state.stop_reason
     assert loaded.iteration == 5
     assert loaded.history == state.history
+
+
+def test_a_record_is_the_state_when_taken(tmp_path: Path) -> None:
+    # the flow writes a record while the fit goes on changing the state
+    path = str(tmp_path / "c.json")
+    state = _state()
+    save_checkpoint(str(tmp_path / "then.json"), {"k": 3}, state)
+    record = checkpoint_record({"k": 3}, state)
+    state.iteration += 1
+    state.centers[0, 0, 0] += 1.0
+    state.history[0].append({"iteration": 6, "loss": 0.25, "relative_change": 0.25})
+    write_checkpoint(path, record)
+    assert Path(path).read_text() == (tmp_path / "then.json").read_text()
+    loaded = load_checkpoint(path, {"k": 3})
+    assert loaded is not None and loaded.iteration == 5 and len(loaded.history[0]) == 1
 
 
 def test_missing_checkpoint_is_none(tmp_path: Path) -> None:
