@@ -325,7 +325,7 @@ def workers_peak_memory(client: distributed.Client) -> dict[str, int]:
 
 def load_engine() -> None:
     """Load what every task starts from: the compiled kernel (from numba's on-disk cache, or
-    compiled and written to it) and pyarrow's conversions to and from NumPy.
+    compiled and written to it) and the reading of Arrow columns into rows.
 
     Run where workers will start, before they do, it leaves them only the loading from the
     cache: see ``_load_engine_before_workers`` and :mod:`pipeline.preload`.
@@ -333,12 +333,14 @@ def load_engine() -> None:
     import numpy as np
     import pyarrow as pa
 
-    from pipeline import kernel, parquet_io  # noqa: F401  (numba and the kernel: most of it)
+    from pipeline import kernel, parquet_io
 
-    pa.chunked_array([pa.array(np.zeros(4, dtype=np.float32))]).to_numpy()
-    columns = [np.zeros(64, dtype=np.float32), np.ones(64, dtype=np.float32)]
+    # built from buffers: building an Arrow array from NumPy or Python values imports pandas,
+    # which reading Parquet does not need
+    column = pa.Array.from_buffers(pa.float32(), 64, [None, pa.py_buffer(np.ones(64, np.float32))])
+    table = pa.table({"a": column, "b": column})
     X = np.empty((64, 2), dtype=np.float32)
-    kernel.columns_to_rows(columns, X, check_finite=True)
+    parquet_io._fill(X, 0, table, ["a", "b"])
     kernel.chunk_stats(X, np.ones((1, 2, 2)), previous=np.zeros((1, 2, 2)), n_far=1)
     kernel.assign_labels(X, np.ones((2, 2)))
 
@@ -347,8 +349,7 @@ def _rss_with_engine_loaded() -> int:
     import psutil
 
     # What every task starts from, measured once it has happened: loading the compiled kernel
-    # (LLVM, numba's dispatchers) takes about 50 MB more than importing it, and pyarrow's first
-    # conversion to or from NumPy imports pandas' compatibility layer, about 50 MB more again.
+    # (LLVM, numba's dispatchers) takes about 50 MB more than importing it.
     load_engine()
     return int(psutil.Process().memory_info().rss)
 
