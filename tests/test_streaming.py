@@ -40,12 +40,14 @@ from pipeline.passes import (
 # the workers unpickle FlakyFileSystem without importing this module
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-LIMIT = "450MB"  # per worker; a worker with the engine loaded takes about 230 MiB of it
+LIMIT = "500MB"  # per worker; a worker with the engine loaded takes 230-300 MiB of it
 
 
 def test_streamed_fit_in_bounded_memory_matches_in_memory_fit(tmp_path: Path) -> None:
-    # 4.2M x 32 float32 = 538 MB: more than half the workers' 900 MB, so 'auto' streams it,
-    # and several times the room the workers have for data next to their baseline
+    # 4.2M x 32 float32 = 538 MB: more than half the workers' 1000 MB, so 'auto' streams it,
+    # and more than twice the room the workers have for data next to their baseline (which
+    # varies with the environment: 230 MiB in one with the bench extra and dask 2026.8, 296 in
+    # CI's fresh install of the test extra with dask 2026.11)
     src = tmp_path / "data"
     generate_blobs(src, rows=4_200_000, dims=32, centers=8, files=4, row_group_rows=20_000, seed=1)
     dataset = parquet_io.open_parquet(src, id_column="id")
@@ -63,7 +65,7 @@ def test_streamed_fit_in_bounded_memory_matches_in_memory_fit(tmp_path: Path) ->
         total = workers_memory_limit(client)
         persist, _ = choose_cache(data.nbytes, total, "auto")
         assert not persist and data.streamed
-        assert data.nbytes > 3 * 2 * per_thread  # several times what the workers have room for
+        assert data.nbytes > 2 * 2 * per_thread  # more than the workers have room for, twice
 
         streamed = fit_means(
             data, FitState.start(init.copy()), max_iter=steps, tol=0.0,
