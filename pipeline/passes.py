@@ -167,18 +167,9 @@ class DaskData:
             for i, spec in enumerate(self.read_specs)
         ]
         sizes = self.X.chunks[0]
-
-        def column(j: int, shape: Callable[[int], tuple[int, ...]], of: Any) -> da.Array:
-            return da.concatenate(
-                [
-                    da.from_delayed(p[j], shape=shape(n), dtype=of)
-                    for p, n in zip(parts, sizes, strict=True)
-                ]
-            )
-
-        X = column(0, lambda n: (n, d), dtype)
-        weights = None if self.weights is None else column(1, lambda n: (n,), np.float64)
-        return X, weights, column(2, lambda n: (n,), np.float64)
+        X = _from_parts(parts, 0, sizes, (d,), dtype)
+        weights = None if self.weights is None else _from_parts(parts, 1, sizes, (), np.float64)
+        return X, weights, _from_parts(parts, 2, sizes, (), np.float64)
 
 
 def data_from_array(X: Any, sample_weight: Any = None, dtype: Any = None) -> DaskData:
@@ -240,24 +231,28 @@ def data_from_parquet(dataset: parquet_io.ParquetDataset, dtype: Any = "float32"
         )
         for i, chunk in enumerate(dataset.chunks)
     ]
-    X = da.concatenate(
-        [
-            da.from_delayed(p[0], shape=(c.n_rows, d), dtype=dtype)
-            for p, c in zip(parts, dataset.chunks, strict=True)
-        ]
-    )
+    sizes = dataset.chunk_sizes()
+    X = _from_parts(parts, 0, sizes, (d,), dtype)
     weights = None
     if dataset.weight_column is not None:
-        weights = da.concatenate(
-            [
-                da.from_delayed(p[1], shape=(c.n_rows,), dtype=np.float64)
-                for p, c in zip(parts, dataset.chunks, strict=True)
-            ]
-        )
+        weights = _from_parts(parts, 1, sizes, (), np.float64)
     read_blocks = tuple((p[0], None if weights is None else p[1]) for p in parts)
     read_specs = tuple((slim, chunk, dtype) for chunk in dataset.chunks)
     return DaskData(
         X=X, weights=weights, source=dataset, read_blocks=read_blocks, read_specs=read_specs
+    )
+
+
+def _from_parts(
+    parts: Sequence[Delayed], j: int, sizes: Sequence[int], row_shape: tuple[int, ...], dtype: Any
+) -> da.Array:
+    """Output ``j`` of each chunk's delayed call, ``sizes[i]`` rows of ``row_shape`` from part
+    ``i``, as one array chunked by rows."""
+    return da.concatenate(
+        [
+            da.from_delayed(p[j], shape=(n, *row_shape), dtype=dtype)
+            for p, n in zip(parts, sizes, strict=True)
+        ]
     )
 
 
