@@ -908,7 +908,11 @@ class LabelledFileWriter:
         self._rows = 0
 
     def __enter__(self) -> Self:
-        self._writer = pq.ParquetWriter(self.path, self.schema)
+        # every column as Arrow writes it by default, except that no dictionary is tried for
+        # the distances, all distinct: the label pass of 10M rows (id, cluster, distance) on
+        # two workers took 2.1 s instead of 2.6-2.7, and its files are 3% smaller
+        dictionary = [n for n in self.schema.names if n != "distance"]
+        self._writer = pq.ParquetWriter(self.path, self.schema, use_dictionary=dictionary)
         return self
 
     def write(self, passthrough: pa.Table, labels: np.ndarray, distances: np.ndarray) -> None:

@@ -431,6 +431,11 @@ def test_label_files(tmp_path: Path, dask_client, held: bool) -> None:
         np.testing.assert_array_equal(table["w"].to_numpy(), w[lo:hi])
         np.testing.assert_array_equal(table["cluster"].to_numpy(), labels[lo:hi])
         np.testing.assert_array_equal(table["distance"].to_numpy(), dist[lo:hi])
+        if hi > lo:  # the labels dictionary-encoded, as Arrow does by default; the distances not
+            meta = pq.ParquetFile(out / f"part-{i}.parquet").metadata.row_group(0)
+            encodings = {meta.column(j).path_in_schema: meta.column(j).encodings for j in range(5)}
+            assert "RLE_DICTIONARY" in encodings["cluster"] and "RLE_DICTIONARY" in encodings["name"]
+            assert not {"RLE_DICTIONARY", "PLAIN_DICTIONARY"} & set(encodings["distance"])
     # the returned statistics are the weighted sizes and inertia of ``centers``
     np.testing.assert_allclose(stats.counts[0], np.bincount(labels, weights=w, minlength=3))
     assert stats.loss[0] == pytest.approx(float(w @ dist), rel=1e-12)
