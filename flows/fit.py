@@ -203,17 +203,21 @@ def kmeans_fit(
                     final_pass=False,  # the label pass below gives the inertia and the sizes
                 ))  # fmt: skip
             else:
-                # checkpoints and progress are written while the next pass runs: at a crash the
-                # checkpoint is at most one iteration behind; a failed write stops the fit one
-                # pass later
+                # checkpoints and progress are written while the next pass runs: when an
+                # iteration's line is shown, the one before is saved; a failed write stops the
+                # fit one pass later
                 with in_background() as later:
 
                     def on_iteration(report_: IterationReport) -> None:
                         record = checkpoint.checkpoint_record(checkpoint_key, report_.state)
-                        tell(logger, _iteration_line(report_), report_.notes)
                         done = 100.0 if report_.state.done else 100.0 * report_.iteration / max_iter
-                        later(lambda: checkpoint.write_checkpoint(checkpoint_file, record))
-                        later(lambda: update_progress_artifact(progress, progress=done))
+
+                        def save() -> None:
+                            checkpoint.write_checkpoint(checkpoint_file, record)
+                            update_progress_artifact(progress, progress=done)
+
+                        later(save)
+                        tell(logger, _iteration_line(report_), report_.notes)
 
                     result = fit_means(
                         data, state, max_iter=max_iter, tol=tol, step=step_rule, on_iteration=on_iteration

@@ -12,7 +12,7 @@ from flows.progress import in_background
 _RUN = contextvars.ContextVar("run", default="none")
 
 
-def test_calls_run_in_order_in_another_thread_with_the_callers_context() -> None:
+def test_a_call_runs_in_another_thread_with_the_callers_context_while_the_caller_goes_on() -> None:
     release = threading.Event()
     seen: list[tuple[int, str, bool]] = []
 
@@ -23,49 +23,34 @@ def test_calls_run_in_order_in_another_thread_with_the_callers_context() -> None
 
     _RUN.set("flow-run-1")
     with in_background() as run:
-        for i in range(3):
-            run(lambda i=i: call(i))
-        assert seen == []  # queued, not run: the first call is still waiting
+        run(lambda: call(0))
+        assert seen == []  # queued and returned: the call is still waiting
         release.set()
-    # on exit every queued call has finished
+        run(lambda: call(1))  # waits for the call before
+        assert seen == [(0, "flow-run-1", False)]
+        run(lambda: call(2))
+    # on exit the pending call has finished
     assert seen == [(0, "flow-run-1", False), (1, "flow-run-1", False), (2, "flow-run-1", False)]
 
 
-def test_a_failed_call_is_raised_by_the_next_run() -> None:
-    done = threading.Event()
-
-    def fail() -> None:
-        done.set()
-        raise OSError(28, "No space left on device")
-
-    with pytest.raises(OSError, match="No space left"), in_background() as run:
-        run(fail)
-        assert done.wait(10)
-        for _ in range(100):  # the failure is raised once the call has ended
-            run(lambda: None)
-            threading.Event().wait(0.01)
-        pytest.fail("the failure was never raised")
+def _fail() -> None:
+    raise OSError(28, "No space left on device")
 
 
-def test_a_failed_call_is_raised_on_exit_after_the_queued_calls() -> None:
-    queued = threading.Event()
+def test_a_failed_call_is_raised_by_the_next_run_which_queues_nothing() -> None:
     seen: list[int] = []
-
-    def fail() -> None:
-        assert queued.wait(10)
-        raise OSError(28, "No space left on device")
-
     with pytest.raises(OSError, match="No space left"), in_background() as run:
-        run(fail)
+        run(_fail)
         run(lambda: seen.append(1))
-        queued.set()
-    assert seen == [1]
+    assert seen == []
+
+
+def test_a_failed_call_is_raised_on_exit() -> None:
+    with pytest.raises(OSError, match="No space left"), in_background() as run:
+        run(_fail)
 
 
 def test_the_callers_own_error_is_not_replaced() -> None:
-    def fail() -> None:
-        raise OSError(28, "No space left on device")
-
     with pytest.raises(KeyboardInterrupt), in_background() as run:
-        run(fail)
+        run(_fail)
         raise KeyboardInterrupt
