@@ -42,15 +42,14 @@ def in_background() -> Iterator[Callable[[Callable[[], object]], None]]:
     temporary server); with a remote API or a network filesystem, more.
     """
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kmeans-gd-bookkeeping")
-    pending: list[Future[object]] = []
-
-    def wait() -> None:
-        while pending:
-            pending.pop().result()
+    pending: Future[object] | None = None
 
     def run(call: Callable[[], object]) -> None:
-        wait()
-        pending.append(executor.submit(contextvars.copy_context().run, call))
+        nonlocal pending
+        if pending is not None:
+            done, pending = pending, None
+            done.result()
+        pending = executor.submit(contextvars.copy_context().run, call)
 
     try:
         yield run
@@ -58,4 +57,5 @@ def in_background() -> Iterator[Callable[[Callable[[], object]], None]]:
         executor.shutdown(wait=True)
         raise
     executor.shutdown(wait=True)
-    wait()
+    if pending is not None:
+        pending.result()
