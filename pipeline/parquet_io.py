@@ -43,9 +43,11 @@ __all__ = [
     "filesystem_of",
     "iter_labelled_batches",
     "labelled_file_name",
+    "non_finite_error",
     "open_parquet",
     "output_lock",
     "read_chunk",
+    "reads_in_place",
 ]
 
 #: Largest target size of one chunk's feature block in memory; smaller memory limits get
@@ -512,6 +514,18 @@ def _from_numpy(values: np.ndarray, type_: pa.DataType) -> pa.Array:
 _FILL_BLOCK_BYTES = 256 << 10
 
 
+def _feature_arrays(table: pa.Table | pa.RecordBatch, columns: Sequence[str]) -> list[np.ndarray]:
+    """``table``'s feature columns as NumPy arrays (views of their buffers where they can be);
+    raises _NonFinite for the first holding a null."""
+    arrays = []
+    for name in columns:
+        column = table.column(name)
+        if column.null_count:
+            raise _NonFinite(name, "null")
+        arrays.append(_as_numpy(column))
+    return arrays
+
+
 def _fill(
     out: np.ndarray,
     start: int,
@@ -532,12 +546,7 @@ def _fill(
 
     Raises _NonFinite naming the first bad column.
     """
-    arrays = []
-    for name in columns:
-        column = table.column(name)
-        if column.null_count:
-            raise _NonFinite(name, "null")
-        arrays.append(_as_numpy(column))
+    arrays = _feature_arrays(table, columns)
     n = table.num_rows
     rows = out[start : start + n]
     shift = np.asarray(origin, dtype=np.float64) if any(origin) else None
@@ -579,6 +588,12 @@ class _NonFinite(Exception):
         self.column, self.what = column, what
 
 
+def non_finite_error(dataset: ParquetDataset, bad: kernel.NonFiniteError, path: str) -> InputError:
+    """The error for a ``kernel.NonFiniteError`` met in a chunk of ``path`` (``read_chunk``
+    with ``in_place=True``)."""
+    return _non_finite_error(_NonFinite(dataset.features[bad.column], "NaN or infinite"), path)
+
+
 def _non_finite_error(bad: _NonFinite, path: str) -> InputError:
     if bad.what == "null":
         return InputError(
@@ -591,6 +606,14 @@ def _non_finite_error(bad: _NonFinite, path: str) -> InputError:
     )
 
 
+def reads_in_place(dataset: ParquetDataset, dtype: str | np.dtype[Any]) -> bool:
+    """Whether ``read_chunk`` can return the features read as ``dtype`` in place (float32
+    features read as float32)."""
+    return np.dtype(dtype) == np.float32 and all(
+        dataset.schema.field(name).type == pa.float32() for name in dataset.features
+    )
+
+
 def read_chunk(
     dataset: ParquetDataset,
     chunk: Chunk,
@@ -598,6 +621,7 @@ def read_chunk(
     *,
     passthrough: bool = False,
     out: np.ndarray | None = None,
+    in_place: bool = False,
 ) -> Any:
     """Read one chunk: its features (rows x features) and, if any, its sample weights.
 
@@ -608,6 +632,11 @@ def read_chunk(
     With ``passthrough=True`` also return the chunk's non-feature columns as an Arrow table
     (read in the same calls), for the label writer. ``out``, a C-contiguous (rows x features)
     array of ``dtype``, is filled and returned instead of a new matrix.
+
+    With ``in_place=True`` (when ``reads_in_place``), no matrix is filled: the features are returned as a ``kernel.ColumnChunk`` of the row groups' Arrow
+    columns, for one pass to read in place (``kernel.chunk_stats``), which raises
+    ``kernel.NonFiniteError`` for NaN and infinities (see ``non_finite_error``). The row
+    groups' Arrow data, together the size of the matrix, stay alive while it is.
 
     Returns
     -------
@@ -626,7 +655,13 @@ def read_chunk(
     elif dataset.weight_column is not None:
         columns.append(dataset.weight_column)
     shape = (chunk.n_rows, dataset.n_features)
-    if out is None:
+    groups: list[list[np.ndarray]] | None = None
+    if in_place:
+        if not reads_in_place(dataset, dtype):
+            raise ValueError(f"the features of {dataset.features} cannot be read in place as {dtype}.")
+        groups = []
+        X = None
+    elif out is None:
         X = np.empty(shape, dtype=dtype)
     elif out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
         raise ValueError(
@@ -645,7 +680,10 @@ def read_chunk(
                     f"file '{chunk.path}' changed while it was read: row group {rg} has more rows than its footer said."
                 )
             try:
-                _fill(X, start, table, dataset.features, dataset.origin)
+                if groups is None:
+                    _fill(X, start, table, dataset.features, dataset.origin)
+                else:
+                    groups.append(_feature_arrays(table, dataset.features))
             except _NonFinite as bad:
                 raise _non_finite_error(bad, chunk.path) from None
             if weights is not None:
@@ -659,6 +697,10 @@ def read_chunk(
             f"file '{chunk.path}' changed while it was read: {start} rows instead of {chunk.n_rows}."
         )
     w = None if weights is None else (np.concatenate(weights) if weights else np.empty(0))
+    if groups is not None:
+        if any(a.dtype != np.float32 for group in groups for a in group):
+            raise InputError(f"file '{chunk.path}' changed while it was read: its types differ.")
+        X = kernel.ColumnChunk(groups, np.asarray(dataset.origin) if any(dataset.origin) else None)
     if passthrough:
         schema = pa.schema([dataset.schema.field(n) for n in dataset.passthrough_columns])
         return X, w, pa.concat_tables(kept) if kept else schema.empty_table()

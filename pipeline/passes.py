@@ -370,14 +370,20 @@ def _read_chunk_stats_task(
     n_far: int,
 ) -> ChunkStats:
     dataset, chunk, dtype = spec
-    # the rows are needed for this pass only: read into the thread's buffer, which the next
-    # chunk reuses rather than faulting in a new chunk-sized array
-    rows = kernel.thread_buffer("rows", (chunk.n_rows, dataset.n_features), dtype)
-    X, weights = parquet_io.read_chunk(dataset, chunk, dtype, out=rows)
-    return kernel.chunk_stats(
-        X, centers, weights=weights, previous=previous, offset=offset, n_far=n_far,
-        remember=False,  # X is this pass's only
-    )
+    # the rows are needed for this pass only: read in place where they can be, else into the
+    # thread's buffer, which the next chunk reuses rather than faulting in a new array
+    if parquet_io.reads_in_place(dataset, dtype):
+        X, weights = parquet_io.read_chunk(dataset, chunk, dtype, in_place=True)
+    else:
+        rows = kernel.thread_buffer("rows", (chunk.n_rows, dataset.n_features), dtype)
+        X, weights = parquet_io.read_chunk(dataset, chunk, dtype, out=rows)
+    try:
+        return kernel.chunk_stats(
+            X, centers, weights=weights, previous=previous, offset=offset, n_far=n_far,
+            remember=False,  # X is this pass's only
+        )
+    except kernel.NonFiniteError as bad:
+        raise parquet_io.non_finite_error(dataset, bad, chunk.path) from None
 
 
 def release_buffers() -> None:

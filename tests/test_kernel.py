@@ -692,6 +692,127 @@ def test_columns_to_rows_refuses_other_shapes() -> None:
         kernel.columns_to_rows([np.zeros(3), np.zeros(4)], np.zeros((3, 2)))
 
 
+# --------------------------------------------------------------------------------------------
+# ColumnChunk: a chunk's columns, row group by row group, read in place by the pass
+# --------------------------------------------------------------------------------------------
+
+
+def _groups_of(X: np.ndarray, cuts: list[int]) -> list[list[np.ndarray]]:
+    """X's columns cut into row groups at ``cuts``, each column a separate array."""
+    bounds = [0, *cuts, len(X)]
+    return [[np.array(X[lo:hi, j]) for j in range(X.shape[1])] for lo, hi in itertools.pairwise(bounds)]
+
+
+_STATS_FIELDS = ("sums", "counts", "loss", "changed", "far_dist", "far_rows", "far_index",
+                 "n_rows", "sq_total")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("n", "d", "k", "cuts"),
+    [
+        (1000, 32, 64, [224, 448, 449, 800]),  # tiles cut short by each row group
+        (700, 17, 5, [0, 0, 350]),  # empty row groups; d not a multiple of 16
+        (65536 + 77, 32, 8, [65536]),
+        (3, 3, 1, []),
+        (500, 37, 13, [1, 2, 3, 499]),
+    ],
+)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_a_column_chunk_gives_what_its_rows_give_bit_for_bit(n, d, k, cuts, weighted) -> None:
+    """Every statistic equal to the pass over the same rows as a matrix: labels and distances
+    (checked through ``assign_labels``' reference), sums, counts, loss, changed labels and the
+    farthest rows, with two restarts, weights and previous means."""
+    rng = np.random.default_rng(n + d)
+    X = rng.normal(size=(n, d)).astype(np.float32)
+    X[1::7] = X[::7][: len(X[1::7])]  # tied rows
+    centers = rng.normal(size=(2, k, d))
+    previous = centers + rng.normal(scale=0.05, size=centers.shape)
+    w = rng.uniform(0, 2, n) * (rng.random(n) > 0.1) if weighted else None
+    columns = kernel.ColumnChunk(_groups_of(X, cuts))
+    assert columns.shape == (n, d) and columns.dtype == np.float32
+    for prev in (None, previous):
+        want = chunk_stats(X, centers, weights=w, previous=prev, offset=9, n_far=6, remember=False)
+        got = chunk_stats(columns, centers, weights=w, previous=prev, offset=9, n_far=6,
+                          remember=False)  # fmt: skip
+        for name in _STATS_FIELDS:
+            np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    ref = _ref_stats(X, centers[0], w)
+    got = chunk_stats(columns, centers[:1], weights=w, remember=False)
+    np.testing.assert_allclose(got.sums[0], ref["sums"], rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(got.counts[0], ref["counts"])
+
+
+def test_a_column_chunk_less_its_origin() -> None:
+    """Read as ``x - origin``, each difference exact (values near the float32 origin)."""
+    rng = np.random.default_rng(3)
+    origin = rng.uniform(-1e5, 1e5, 32).astype(np.float32).astype(np.float64)
+    X = (origin + rng.normal(0, 20, (900, 32))).astype(np.float32)
+    shifted = (X.astype(np.float64) - origin).astype(np.float32)
+    assert np.array_equal(shifted.astype(np.float64), X.astype(np.float64) - origin)
+    columns = kernel.ColumnChunk(_groups_of(X, [300, 600]), origin)
+    centers = rng.normal(0, 20, (1, 9, 32))
+    want = chunk_stats(shifted, centers, n_far=4, remember=False)
+    got = chunk_stats(columns, centers, n_far=4, remember=False)
+    for name in _STATS_FIELDS:
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    np.testing.assert_array_equal(columns[np.array([899, 0, 450])], shifted[[899, 0, 450]])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize(
+    ("cells", "named"),
+    [
+        ([(0, 0)], 0),
+        ([(301, 18), (301, 25), (700, 1)], 18),  # later columns, a later row group
+        ([(301, 18), (450, 2)], 2),  # a later row of the same row group, a lower column
+        ([(899, 31)], 31),
+    ],
+)
+def test_a_column_chunk_names_the_first_non_finite_column(bad, cells, named) -> None:
+    """The first column, in order, holding NaN or an infinity in the row group of the first
+    row that does: the column reading row group by row group into rows names."""
+    X = np.random.default_rng(0).normal(size=(900, 32)).astype(np.float32)
+    for row, column in cells:
+        X[row, column] = bad
+    groups = _groups_of(X, [300, 600])
+    with pytest.raises(kernel.NonFiniteError, match=rf"column {named} holds NaN or an infinity"):
+        chunk_stats(kernel.ColumnChunk(groups), np.zeros((1, 3, 32)), remember=False)
+    out = np.empty((300, 32), np.float32)
+    first = next(g for g in groups if kernel.columns_to_rows(g, out, check_finite=True) is not None)
+    assert kernel.columns_to_rows(first, out, check_finite=True) == named
+
+
+def test_a_float32_value_far_out_overflows_less_its_origin() -> None:
+    X = np.array([[3e38], [-3e38]], dtype=np.float32)
+    columns = kernel.ColumnChunk(_groups_of(X, []), np.array([-3e38], np.float32).astype(np.float64))
+    with pytest.raises(kernel.NonFiniteError, match="column 0"):
+        chunk_stats(columns, np.zeros((1, 1, 1)), remember=False)
+
+
+@pytest.mark.parametrize(
+    ("groups", "origin", "message"),
+    [
+        ([[np.zeros(3, np.float32), np.zeros(4, np.float32)]], None, "of one length"),
+        ([[np.zeros(3, np.float32)], [np.zeros(3, np.float32)] * 2], None, "same number"),
+        ([[np.zeros(3, np.float64)]], None, "float32 arrays"),
+        ([[np.zeros(6, np.float32)[::2]]], None, "contiguous"),
+        ([[np.zeros(3, np.float32)]], np.array([0.1]), r"origin should be 1 float32 values"),
+        ([[np.zeros(3, np.float32)]], np.zeros(2), r"origin should be 1 float32 values"),
+    ],
+)
+def test_a_column_chunk_refuses(groups, origin, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        kernel.ColumnChunk(groups, origin)
+
+
+def test_a_column_chunk_is_read_once() -> None:
+    columns = kernel.ColumnChunk(_groups_of(np.zeros((5, 2), np.float32), []))
+    centers = np.zeros((1, 1, 2))
+    for kwargs in ({}, {"remember": False, "xsq": np.zeros(5)}):
+        with pytest.raises(ValueError, match="a ColumnChunk is read for one pass"):
+            chunk_stats(columns, centers, **kwargs)
+
+
 def test_thread_buffer_is_reused_per_thread_and_purpose() -> None:
     import threading
 

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_parquet, write_split
 
-from pipeline import parquet_io
+from pipeline import kernel, parquet_io
 from pipeline.parquet_io import (
     Chunk,
     InputError,
@@ -29,6 +29,7 @@ from pipeline.parquet_io import (
     labelled_file_name,
     open_parquet,
     read_chunk,
+    reads_in_place,
 )
 
 
@@ -283,6 +284,38 @@ def test_read_chunk(tmp_path: Path) -> None:
     X_out, _ = read_chunk(ds, chunk, out=out)
     assert X_out is out
     np.testing.assert_array_equal(out, expected.astype(np.float32))
+
+
+def test_read_chunk_in_place(tmp_path: Path) -> None:
+    """float32 features read as float32 come back as the row groups' columns, which give the
+    rows ``read_chunk`` fills (less the dataset's origin), with the same weights."""
+    rng = np.random.default_rng(4)
+    table = pa.table({
+        "far": (1e5 + rng.normal(0, 3, 50)).astype(np.float32),  # read less an origin
+        "w": rng.uniform(0, 2, 50),
+        "near": rng.normal(0, 1, 50).astype(np.float32),
+    })  # fmt: skip
+    pq.write_table(table, tmp_path / "p.parquet", row_group_size=8)
+    ds = open_parquet(tmp_path / "p.parquet", weight_column="w", chunk_bytes=4 * 2 * 20)
+    assert ds.origin[0] != 0 and ds.origin[1] == 0 and len(ds.chunks) == 3
+    assert reads_in_place(ds, "float32") and not reads_in_place(ds, "float64")
+    for chunk in ds.chunks:
+        rows, w = read_chunk(ds, chunk)
+        columns, w_in_place = read_chunk(ds, chunk, in_place=True)
+        assert isinstance(columns, kernel.ColumnChunk) and columns.shape == rows.shape
+        np.testing.assert_array_equal(columns[np.arange(len(rows))], rows)
+        np.testing.assert_array_equal(w_in_place, w)
+    with pytest.raises(ValueError, match=r"cannot be read in place as float64"):
+        read_chunk(ds, ds.chunks[0], "float64", in_place=True)
+    pq.write_table(_mixed_table(), tmp_path / "m.parquet")
+    assert not reads_in_place(open_parquet(tmp_path / "m.parquet"), "float32")
+
+
+def test_a_null_is_raised_when_reading_in_place(tmp_path: Path) -> None:
+    _file_with(tmp_path, x0=pa.array([1.0, 2.0], pa.float32()), x1=pa.array([3.0, None], pa.float32()))
+    ds = open_parquet(tmp_path / "p.parquet")
+    with pytest.raises(InputError, match=r"feature column 'x1' in file '.*p\.parquet' has null"):
+        read_chunk(ds, ds.chunks[0], in_place=True)
 
 
 @pytest.mark.parametrize("compression", ["snappy", "none"])

@@ -116,11 +116,14 @@ def test_data_from_parquet_reads_nothing_until_computed(
         assert reads == ["part-000.parquet"]
 
 
-def test_non_finite_feature_raises_through_dask(tmp_path: Path, dask_client) -> None:
-    X = blobs(n=20, d=2, k=2)
+@pytest.mark.parametrize("file_dtype", [np.float64, np.float32])  # filled into rows, in place
+def test_non_finite_feature_raises_through_dask(tmp_path: Path, dask_client, file_dtype) -> None:
+    X = blobs(n=20, d=2, k=2).astype(file_dtype)
     X[15, 1] = np.nan
     write_split(tmp_path / "in", X, [10], with_id=False)
-    data = data_from_parquet(open_parquet(tmp_path / "in"))
+    ds = open_parquet(tmp_path / "in")
+    assert parquet_io.reads_in_place(ds, "float32") == (file_dtype == np.float32)
+    data = data_from_parquet(ds)
     with pytest.raises(
         InputError, match=r"feature column 'x1' in file '.*part-001\.parquet' has NaN"
     ):
@@ -336,6 +339,32 @@ def test_persisting_parquet_rows_reads_each_chunk_in_one_task_with_its_norms(
     np.testing.assert_array_equal(held.xsq.compute(), kernel.row_sq_norms(X32))
     centers = np.stack([_centers(X, 3, s) for s in range(2)])
     _assert_same_stats(stats_pass(held, centers, n_far=4), stats_pass(read, centers, n_far=4))
+
+
+def test_a_streamed_pass_over_float32_parquet_reads_in_place(tmp_path: Path, dask_client) -> None:
+    """float32 columns read in place by the workers' passes (several row groups per chunk, a
+    far-off feature read less its origin, weights, previous means, far rows): the statistics of
+    the same rows held in memory."""
+    rng = np.random.default_rng(12)
+    X = blobs(n=1500, d=5, k=4, seed=12).astype(np.float32)
+    X[:, 2] += np.float32(3e4)
+    w = rng.uniform(0.5, 2.0, size=len(X))
+    for i, (lo, hi) in enumerate(itertools.pairwise([0, 700, 1500])):
+        write_parquet(tmp_path / "in" / f"part-{i}.parquet", X[lo:hi], row_group_rows=96,
+                      extra={"w": w[lo:hi]})  # fmt: skip
+    ds = open_parquet(tmp_path / "in", weight_column="w", chunk_bytes=4 * 5 * 300)
+    assert parquet_io.reads_in_place(ds, "float32") and ds.origin[2] != 0
+    assert len(ds.chunks) > 3
+    read = data_from_parquet(ds)
+    assert read.streamed
+    held = read.persist()
+    centers = np.stack([_centers(X - np.float32(ds.origin), 4, s) for s in range(2)])
+    previous = centers + 0.05
+    _assert_same_stats(
+        stats_pass(read, centers, previous=previous, n_far=3),
+        stats_pass(held, centers, previous=previous, n_far=3),
+        rtol=0,
+    )
 
 
 def test_held_rows_follow_the_chunks_where_the_cluster_put_them(dask_client) -> None:
