@@ -1445,7 +1445,7 @@ def _stack(centers: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray
 
 
 def _pass(
-    X: np.ndarray,
+    X: np.ndarray | ColumnChunk,
     centers: np.ndarray,
     xsq: np.ndarray | None,
     w: np.ndarray | None,
@@ -1495,6 +1495,8 @@ def _pass(
         smax = shift.max(axis=1)
     tile = _tile_rows(n_init * k, d, X.dtype.itemsize)
     columns = isinstance(X, ColumnChunk)
+    if columns and xsq is not None:
+        raise ValueError("a ColumnChunk is read for one pass: pass remember=False and no xsq.")
     contiguous = checksum and not columns and X.flags.c_contiguous and X.size > 0
     word = np.uint64 if (d * X.dtype.itemsize) % 8 == 0 else np.uint32
     words = X.reshape(-1).view(word) if contiguous else np.empty(0, dtype=np.uint32)
@@ -1560,7 +1562,7 @@ def release_thread_buffers() -> None:
 
 
 def chunk_stats(
-    X: np.ndarray,
+    X: np.ndarray | ColumnChunk,
     centers: np.ndarray,
     *,
     weights: np.ndarray | None = None,
@@ -1595,7 +1597,7 @@ def chunk_stats(
         ``_LabelMemo``). False for an array that will not be passed again (a chunk read for
         this pass only): no checksum of its bytes is taken and nothing is kept.
     """
-    if isinstance(X, ColumnChunk) and (remember or xsq is not None):
+    if isinstance(X, ColumnChunk) and remember:
         raise ValueError("a ColumnChunk is read for one pass: pass remember=False and no xsq.")
     n = X.shape[0]
     w = None if weights is None else np.ascontiguousarray(weights, dtype=np.float64)
@@ -1831,10 +1833,11 @@ def with_farthest(total: ChunkStats, parts: Sequence[ChunkStats]) -> ChunkStats:
 
 
 def assign_labels(
-    X: np.ndarray, centers: np.ndarray, xsq: np.ndarray | None = None
+    X: np.ndarray | ColumnChunk, centers: np.ndarray, xsq: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Nearest mean (int32) and squared distance to it (float64) for each row, for one set of
-    means of shape (k, d); ``xsq``: the rows' squared norms, when already known."""
+    means of shape (k, d); ``xsq``: the rows' squared norms, when already known (never for a
+    ``ColumnChunk``, which raises ``NonFiniteError`` if it holds NaN or an infinity)."""
     labels = np.empty((1, X.shape[0]), dtype=np.int32)
     d1 = np.empty((1, X.shape[0]), dtype=np.float64)
     _pass(X, np.asarray(centers)[None], xsq, None, labels, d1, checksum=False)

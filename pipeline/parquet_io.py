@@ -713,15 +713,21 @@ def iter_labelled_batches(
     dtype: str | np.dtype[Any] = "float32",
     *,
     features: bool = True,
-) -> Iterator[tuple[np.ndarray | None, np.ndarray | None, pa.Table]]:
+    in_place: bool = False,
+) -> Iterator[tuple[Any, np.ndarray | None, pa.Table]]:
     """One file's rows row group by row group: (features, weights or None, passthrough columns).
 
     Memory is bounded by one row group (as the writer writes each one before the next is read),
     never by the file or a chunk. ``iter_batches`` was measured to hold 10-15 times its batch
     size (it reads ahead), so whole row groups are read one at a time instead. With
-    ``features=False`` the feature columns are not read and the features are None.
+    ``features=False`` the feature columns are not read and the features are None. With
+    ``in_place=True`` (when ``reads_in_place``) the features are the row group's columns, a
+    ``kernel.ColumnChunk`` (see ``read_chunk``).
     """
     dtype = np.dtype(dtype)
+    if in_place and not reads_in_place(dataset, dtype):
+        raise ValueError(f"the features of {dataset.features} cannot be read in place as {dtype}.")
+    origin = np.asarray(dataset.origin) if any(dataset.origin) else None
     path = dataset.files[file_index]
     passthrough = list(dataset.passthrough_columns)
     columns = (list(dataset.features) if features else []) + [
@@ -732,13 +738,15 @@ def iter_labelled_batches(
             if parquet.metadata.row_group(rg).num_rows == 0:
                 continue
             table = parquet.read_row_group(rg, columns=columns)
-            X = None
-            if features:
-                X = np.empty((table.num_rows, dataset.n_features), dtype=dtype)
-                try:
+            X: Any = None
+            try:
+                if features and in_place:
+                    X = kernel.ColumnChunk([_feature_arrays(table, dataset.features)], origin)
+                elif features:
+                    X = np.empty((table.num_rows, dataset.n_features), dtype=dtype)
                     _fill(X, 0, table, dataset.features, dataset.origin)
-                except _NonFinite as bad:
-                    raise _non_finite_error(bad, path) from None
+            except _NonFinite as bad:
+                raise _non_finite_error(bad, path) from None
             weights = _weights(table, dataset, path) if dataset.weight_column is not None else None
             kept = table.select(passthrough)
             del table

@@ -579,9 +579,14 @@ def _label_file_task(
     """Label one input file in bounded batches, appending each to its output file as it goes;
     return the file's counts and loss."""
     stats = _empty_label_stats(*centers.shape)
+    in_place = parquet_io.reads_in_place(dataset, dtype)
+    batches = parquet_io.iter_labelled_batches(dataset, file_index, dtype, in_place=in_place)
     with parquet_io.LabelledFileWriter(dataset, file_index, out_dir) as writer:
-        for X, weights, passthrough in parquet_io.iter_labelled_batches(dataset, file_index, dtype):
-            labels, dist = kernel.assign_labels(X, centers)
+        for X, weights, passthrough in batches:
+            try:
+                labels, dist = kernel.assign_labels(X, centers)
+            except kernel.NonFiniteError as bad:
+                raise parquet_io.non_finite_error(dataset, bad, dataset.files[file_index]) from None
             del X
             writer.write(passthrough, labels, dist)
             _add_labelled(stats, labels, dist, weights)

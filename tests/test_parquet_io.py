@@ -311,6 +311,27 @@ def test_read_chunk_in_place(tmp_path: Path) -> None:
     assert not reads_in_place(open_parquet(tmp_path / "m.parquet"), "float32")
 
 
+def test_labelled_batches_in_place(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    table = pa.table({
+        "id": np.arange(40),
+        "far": (-3e4 + rng.normal(0, 3, 40)).astype(np.float32),
+        "near": rng.normal(0, 1, 40).astype(np.float32),
+    })  # fmt: skip
+    pq.write_table(table, tmp_path / "p.parquet", row_group_size=16)
+    ds = open_parquet(tmp_path / "p.parquet", id_column="id")
+    assert ds.origin[0] != 0
+    filled = list(parquet_io.iter_labelled_batches(ds, 0))
+    in_place = list(parquet_io.iter_labelled_batches(ds, 0, in_place=True))
+    assert [len(x) for x, _, _ in filled] == [16, 16, 8] and len(in_place) == 3
+    for (rows, _, kept), (columns, _, kept_in_place) in zip(filled, in_place, strict=True):
+        assert isinstance(columns, kernel.ColumnChunk)
+        np.testing.assert_array_equal(columns[np.arange(len(rows))], rows)
+        assert kept_in_place.equals(kept)
+    with pytest.raises(ValueError, match=r"cannot be read in place as float64"):
+        next(parquet_io.iter_labelled_batches(ds, 0, "float64", in_place=True))
+
+
 def test_a_null_is_raised_when_reading_in_place(tmp_path: Path) -> None:
     _file_with(tmp_path, x0=pa.array([1.0, 2.0], pa.float32()), x1=pa.array([3.0, None], pa.float32()))
     ds = open_parquet(tmp_path / "p.parquet")

@@ -425,9 +425,10 @@ def test_stats_pass_is_repeatable(tmp_path: Path, dask_client) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("file_dtype", [np.float64, np.float32])  # filled into rows, in place
 @pytest.mark.parametrize("held", [False, True], ids=["read", "persisted"])
-def test_label_files(tmp_path: Path, dask_client, held: bool) -> None:
-    X = blobs(n=300, d=2, k=3, seed=5)
+def test_label_files(tmp_path: Path, dask_client, held: bool, file_dtype) -> None:
+    X = blobs(n=300, d=2, k=3, seed=5).astype(file_dtype)
     w = np.random.default_rng(5).uniform(0.5, 2.0, size=len(X))
     names = np.array([f"row-{i}" for i in range(len(X))])
     bounds = [0, 120, 120, 121, 300]  # the second file is empty
@@ -439,6 +440,7 @@ def test_label_files(tmp_path: Path, dask_client, held: bool) -> None:
             extra={"id": np.arange(lo, hi), "name": names[lo:hi], "w": w[lo:hi]},
         )
     ds = open_parquet(tmp_path / "in", id_column="id", weight_column="w", chunk_bytes=8 * 30)
+    assert parquet_io.reads_in_place(ds, "float32") == (file_dtype == np.float32)
     centers = _centers(X, 3)
     out = tmp_path / "out"
     # persisted: the labels are computed where the rows are held (several chunks per file)
@@ -469,6 +471,18 @@ def test_label_files(tmp_path: Path, dask_client, held: bool) -> None:
     np.testing.assert_allclose(stats.counts[0], np.bincount(labels, weights=w, minlength=3))
     assert stats.loss[0] == pytest.approx(float(w @ dist), rel=1e-12)
     assert stats.n_rows == len(X)
+
+
+@pytest.mark.parametrize("file_dtype", [np.float64, np.float32])  # filled into rows, in place
+def test_label_files_name_a_non_finite_feature(tmp_path: Path, file_dtype) -> None:
+    X = blobs(n=40, d=3, k=2).astype(file_dtype)
+    X[33, 2] = np.inf
+    write_split(tmp_path / "in", X, [20], with_id=False)
+    ds = open_parquet(tmp_path / "in")
+    with pytest.raises(
+        InputError, match=r"feature column 'x2' in file '.*part-001\.parquet' has NaN or inf"
+    ), dask.config.set(scheduler="sync"):  # fmt: skip
+        label_files(ds, np.zeros((2, 3)), str(tmp_path / "out"))
 
 
 def test_label_files_from_held_rows_read_no_features(
