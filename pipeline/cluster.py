@@ -325,7 +325,8 @@ def workers_peak_memory(client: distributed.Client) -> dict[str, int]:
 
 def load_engine() -> None:
     """Load what every task starts from: the compiled kernel (from numba's on-disk cache, or
-    compiled and written to it) and the reading of Arrow columns into rows.
+    compiled and written to it), over rows and over columns read in place, and the reading of
+    Arrow columns into rows.
 
     Run where workers will start, before they do, it leaves them only the loading from the
     cache: see ``_load_engine_before_workers`` and :mod:`pipeline.preload`.
@@ -343,6 +344,11 @@ def load_engine() -> None:
     parquet_io._fill(X, 0, table, ["a", "b"])
     kernel.chunk_stats(X, np.ones((1, 2, 2)), previous=np.zeros((1, 2, 2)), n_far=1)
     kernel.assign_labels(X, np.ones((2, 2)))
+    # and the streamed passes over float32 columns read in place
+    columns = kernel.ColumnChunk([parquet_io._feature_arrays(table, ["a", "b"])])
+    kernel.chunk_stats(columns, np.ones((1, 2, 2)), previous=np.zeros((1, 2, 2)), n_far=1,
+                       remember=False)  # fmt: skip
+    kernel.assign_labels(columns, np.ones((2, 2)))
 
 
 def _rss_with_engine_loaded() -> int:

@@ -614,6 +614,21 @@ def reads_in_place(dataset: ParquetDataset, dtype: str | np.dtype[Any]) -> bool:
     )
 
 
+def _check_in_place(dataset: ParquetDataset, dtype: np.dtype[Any]) -> None:
+    if not reads_in_place(dataset, dtype):
+        raise ValueError(f"the features of {dataset.features} cannot be read in place as {dtype}.")
+
+
+def _column_chunk(
+    dataset: ParquetDataset, groups: list[list[np.ndarray]], path: str
+) -> kernel.ColumnChunk:
+    """The row groups' feature arrays (``_feature_arrays``) of ``path`` as a ColumnChunk, read
+    less the dataset's origin."""
+    if any(a.dtype != np.float32 for group in groups for a in group):
+        raise InputError(f"file '{path}' changed while it was read: its column types differ.")
+    return kernel.ColumnChunk(groups, np.asarray(dataset.origin) if any(dataset.origin) else None)
+
+
 def read_chunk(
     dataset: ParquetDataset,
     chunk: Chunk,
@@ -633,10 +648,11 @@ def read_chunk(
     (read in the same calls), for the label writer. ``out``, a C-contiguous (rows x features)
     array of ``dtype``, is filled and returned instead of a new matrix.
 
-    With ``in_place=True`` (when ``reads_in_place``), no matrix is filled: the features are returned as a ``kernel.ColumnChunk`` of the row groups' Arrow
-    columns, for one pass to read in place (``kernel.chunk_stats``), which raises
-    ``kernel.NonFiniteError`` for NaN and infinities (see ``non_finite_error``). The row
-    groups' Arrow data, together the size of the matrix, stay alive while it is.
+    With ``in_place=True`` (when ``reads_in_place``), no matrix is filled: the features are
+    returned as a ``kernel.ColumnChunk`` of the row groups' Arrow columns, for one pass to read
+    in place (``kernel.chunk_stats``), which raises ``kernel.NonFiniteError`` for NaN and
+    infinities (see ``non_finite_error``). The row groups' Arrow data, together the size of
+    the matrix, stay alive while it is.
 
     Returns
     -------
@@ -657,8 +673,7 @@ def read_chunk(
     shape = (chunk.n_rows, dataset.n_features)
     groups: list[list[np.ndarray]] | None = None
     if in_place:
-        if not reads_in_place(dataset, dtype):
-            raise ValueError(f"the features of {dataset.features} cannot be read in place as {dtype}.")
+        _check_in_place(dataset, dtype)
         groups = []
         X = None
     elif out is None:
@@ -698,9 +713,7 @@ def read_chunk(
         )
     w = None if weights is None else (np.concatenate(weights) if weights else np.empty(0))
     if groups is not None:
-        if any(a.dtype != np.float32 for group in groups for a in group):
-            raise InputError(f"file '{chunk.path}' changed while it was read: its types differ.")
-        X = kernel.ColumnChunk(groups, np.asarray(dataset.origin) if any(dataset.origin) else None)
+        X = _column_chunk(dataset, groups, chunk.path)
     if passthrough:
         schema = pa.schema([dataset.schema.field(n) for n in dataset.passthrough_columns])
         return X, w, pa.concat_tables(kept) if kept else schema.empty_table()
@@ -725,9 +738,8 @@ def iter_labelled_batches(
     ``kernel.ColumnChunk`` (see ``read_chunk``).
     """
     dtype = np.dtype(dtype)
-    if in_place and not reads_in_place(dataset, dtype):
-        raise ValueError(f"the features of {dataset.features} cannot be read in place as {dtype}.")
-    origin = np.asarray(dataset.origin) if any(dataset.origin) else None
+    if in_place:
+        _check_in_place(dataset, dtype)
     path = dataset.files[file_index]
     passthrough = list(dataset.passthrough_columns)
     columns = (list(dataset.features) if features else []) + [
@@ -741,7 +753,7 @@ def iter_labelled_batches(
             X: Any = None
             try:
                 if features and in_place:
-                    X = kernel.ColumnChunk([_feature_arrays(table, dataset.features)], origin)
+                    X = _column_chunk(dataset, [_feature_arrays(table, dataset.features)], path)
                 elif features:
                     X = np.empty((table.num_rows, dataset.n_features), dtype=dtype)
                     _fill(X, 0, table, dataset.features, dataset.origin)
