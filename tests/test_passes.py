@@ -367,6 +367,24 @@ def test_a_streamed_pass_over_float32_parquet_reads_in_place(tmp_path: Path, das
     )
 
 
+def test_a_streamed_chunk_task_fills_no_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    X = blobs(n=500, d=4, k=3, seed=2).astype(np.float32)
+    write_parquet(tmp_path / "p.parquet", X, row_group_rows=64)
+    ds = open_parquet(tmp_path / "p.parquet")
+    centers = _centers(X, 3)[None]
+    rows, _ = parquet_io.read_chunk(ds, ds.chunks[0])  # less the dataset's origin
+    want = kernel.chunk_stats(rows, centers, n_far=2, remember=False)
+
+    def refused(*args, **kwargs):  # what filling rows from columns calls
+        raise AssertionError("rows were filled")
+
+    monkeypatch.setattr(kernel, "columns_to_rows", refused)
+    got = passes._read_chunk_stats_task((ds, ds.chunks[0], "float32"), centers, None, 0, 2)
+    _assert_same_stats(got, want, rtol=0)
+    with pytest.raises(AssertionError, match="rows were filled"):
+        passes._read_chunk_stats_task((ds, ds.chunks[0], "float64"), centers, None, 0, 2)
+
+
 def test_held_rows_follow_the_chunks_where_the_cluster_put_them(dask_client) -> None:
     from distributed import futures_of, get_task_stream
 
