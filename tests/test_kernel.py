@@ -719,9 +719,9 @@ _STATS_FIELDS = ("sums", "counts", "loss", "changed", "far_dist", "far_rows", "f
 )
 @pytest.mark.parametrize("weighted", [False, True])
 def test_a_column_chunk_gives_what_its_rows_give_bit_for_bit(n, d, k, cuts, weighted) -> None:
-    """Every statistic equal to the pass over the same rows as a matrix: labels and distances
-    (checked through ``assign_labels``' reference), sums, counts, loss, changed labels and the
-    farthest rows, with two restarts, weights and previous means."""
+    """Every statistic equal to the pass over the same rows as a matrix (sums, counts, loss,
+    changed labels and the farthest rows, with two restarts, weights and previous means), and
+    so are the labels and distances; the sums and counts also match the NumPy reference."""
     rng = np.random.default_rng(n + d)
     X = rng.normal(size=(n, d)).astype(np.float32)
     X[1::7] = X[::7][: len(X[1::7])]  # tied rows
@@ -736,6 +736,9 @@ def test_a_column_chunk_gives_what_its_rows_give_bit_for_bit(n, d, k, cuts, weig
                           remember=False)  # fmt: skip
         for name in _STATS_FIELDS:
             np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    for got_part, want_part in zip(assign_labels(columns, centers[1]), assign_labels(X, centers[1]),
+                                   strict=True):  # fmt: skip
+        np.testing.assert_array_equal(got_part, want_part)
     ref = _ref_stats(X, centers[0], w)
     got = chunk_stats(columns, centers[:1], weights=w, remember=False)
     np.testing.assert_allclose(got.sums[0], ref["sums"], rtol=1e-9, atol=1e-9)
