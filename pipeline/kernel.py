@@ -808,12 +808,14 @@ def _tile_nearest16_body(
 
 
 @numba.njit(nogil=True, cache=True)
-def _accumulate(start, b, xt, w, has_w, best, arg, labels, d1, counts, loss, count):
+def _accumulate(R, r0, start, b, xt, w, has_w, best, arg, labels, d1, sums, counts, loss, count):
     # pragma: no cover
-    """Rows ``start..start+b`` of one restart (``xt``: their squared norms): labels and
-    clamped distances, then, row by row in order, ``counts[a] += w`` and ``loss += w * dist``.
-    With ``count``, ``labels`` holds the previous labels on entry and the rows whose label
-    differs are counted as they are overwritten. Returns the loss and that count."""
+    """Rows ``start..start+b`` of one restart (their features: rows ``r0..r0+b`` of R; ``xt``:
+    their squared norms): labels and clamped distances, then, row by row in order,
+    ``counts[a] += w``, ``loss += w * dist`` and ``sums[a] += w * x`` (float64, the product
+    rounded before the sum). With ``count``, ``labels`` holds the previous labels on entry and
+    the rows whose label differs are counted as they are overwritten. Returns the loss and
+    that count."""
     changed = 0
     for ii in range(b):
         dist = xt[ii] + best[ii]
@@ -827,30 +829,8 @@ def _accumulate(start, b, xt, w, has_w, best, arg, labels, d1, counts, loss, cou
         wi = w[i] if has_w else 1.0
         counts[a] += wi
         loss += wi * d1[i]
+        _add_row(sums[a], R[r0 + ii], wi, has_w)
     return loss, changed
-
-
-def _add_sums(X, start, b, XR, w, has_w, arg, sums):  # pragma: no cover
-    """``sums[arg[ii]] += w * x`` for the tile's rows, in row order (float64, each product
-    rounded before the sum): from X's rows, or, for ``_Columns``, from XR, the tile's rows
-    (XT transposed by ``_rows_of_tile``)."""
-
-
-@overload(_add_sums, inline="always")
-def _add_sums_impl(X, start, b, XR, w, has_w, arg, sums):  # type: ignore[no-untyped-def]
-    if isinstance(X, types.Array):
-
-        def from_rows(X, start, b, XR, w, has_w, arg, sums):  # type: ignore[no-untyped-def]
-            for ii in range(b):
-                _add_row(sums[arg[ii]], X[start + ii], w[start + ii] if has_w else 1.0, has_w)
-
-        return from_rows
-
-    def from_columns(X, start, b, XR, w, has_w, arg, sums):  # type: ignore[no-untyped-def]
-        for ii in range(b):
-            _add_row(sums[arg[ii]], XR[ii], w[start + ii] if has_w else 1.0, has_w)
-
-    return from_columns
 
 
 @numba.njit(nogil=True, cache=True)
@@ -976,15 +956,21 @@ def _transpose_columns_impl(X, start, b, XT):  # type: ignore[no-untyped-def]
     return gather
 
 
-def _rows_of_tile(X, b, XT, XR):  # pragma: no cover
-    """For ``_Columns``, the tile's rows into XR (XT transposed), for ``_add_sums``."""
+def _rows_of_tile(X, start, XT, XR):  # pragma: no cover
+    """The rows of the tile at ``start`` as ``_accumulate`` reads them: (array, index of the
+    tile's first row in it). X's own rows; for ``_Columns``, XT transposed into XR."""
 
 
 @overload(_rows_of_tile, inline="always")
-def _rows_of_tile_impl(X, b, XT, XR):  # type: ignore[no-untyped-def]
+def _rows_of_tile_impl(X, start, XT, XR):  # type: ignore[no-untyped-def]
     if isinstance(X, types.Array):
-        return lambda X, b, XT, XR: None
-    return lambda X, b, XT, XR: _transpose32(XT, 0, XT.shape[0], XR)
+        return lambda X, start, XT, XR: (X, start)
+
+    def transposed(X, start, XT, XR):  # type: ignore[no-untyped-def]
+        _transpose32(XT, 0, XT.shape[0], XR)
+        return XR, 0
+
+    return transposed
 
 
 def _check_tile(X, start, b, xt):  # pragma: no cover
@@ -1148,12 +1134,11 @@ def _fused_pass(
         for r in range(n_init):
             _nearest_tile(XT, b, S2, cn, r * k, k, A, best[r], second[r], arg[r], check,
                           PF, pf_lo, pf_hi if r == 0 else pf_lo)  # fmt: skip
-        _rows_of_tile(X, b, XT, XR)
+        R, r0 = _rows_of_tile(X, start, XT, XR)
         for r in range(n_init):
-            loss[r], ch = _accumulate(start, b, xt, w, has_w, best[r], arg[r], labels[r], d1[r],
-                                      counts[r], loss[r], count_in_place)  # fmt: skip
+            loss[r], ch = _accumulate(R, r0, start, b, xt, w, has_w, best[r], arg[r], labels[r],
+                                      d1[r], sums[r], counts[r], loss[r], count_in_place)  # fmt: skip
             changed[r] += ch
-            _add_sums(X, start, b, XR, w, has_w, arg[r], sums[r])
         for r in range(n_init if m_top > 0 else 0):
             heap = top[r]
             for ii in range(b):
