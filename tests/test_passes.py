@@ -393,14 +393,20 @@ def test_held_rows_follow_the_chunks_where_the_cluster_put_them(dask_client) -> 
     expected = kernel.chunk_stats(X, centers, n_far=2)
     held = data_from_array(da.from_array(X, chunks=(250, 3))).persist()
     _holders(dask_client, held)
-    # every chunk on both workers: split evenly between them, nothing fetched
-    dask_client.replicate(futures_of([held.X, held.xsq]), n=2)
-    with get_task_stream(dask_client) as stream:
-        _assert_same_stats(stats_pass(held, centers, n_far=2), expected)
-    assert sorted(_compute_spans(stream.data)) == sorted(
-        ("chunk-stats", address) for address in dask_client.nthreads()
-    )
-    assert sorted(len(g) for g in passes._held_groups(held)) == [6, 6]
+    # every chunk on both workers: split evenly between them, nothing fetched. The active
+    # memory manager drops extra replicas every 2 s (it once left all on one worker before
+    # the last assertion), so it pauses while this part runs.
+    dask_client.amm.stop()
+    try:
+        dask_client.replicate(futures_of([held.X, held.xsq]), n=2)
+        with get_task_stream(dask_client) as stream:
+            _assert_same_stats(stats_pass(held, centers, n_far=2), expected)
+        assert sorted(_compute_spans(stream.data)) == sorted(
+            ("chunk-stats", address) for address in dask_client.nthreads()
+        )
+        assert sorted(len(g) for g in passes._held_groups(held)) == [6, 6]
+    finally:
+        dask_client.amm.start()
     # every chunk on one worker: one task, there
     worker = sorted(dask_client.nthreads())[1]
     one = data_from_array(dask_client.persist(da.from_array(X, chunks=(300, 3)), workers=worker))
