@@ -269,6 +269,18 @@ def test_a_pass_gives_each_kind_of_task_a_name_of_its_own(dask_client) -> None:
     assert {"chunk-stats", "combine-stats"} <= names
 
 
+@pytest.fixture
+def amm_paused(dask_client):  # type: ignore[no-untyped-def]
+    """The session cluster with its active memory manager paused: it drops extra replicas of
+    held chunks every 2 s, so a test about where chunks are (replicated, or fetched by one
+    pass for the next) would otherwise depend on when it last ran."""
+    dask_client.amm.stop()
+    try:
+        yield dask_client
+    finally:
+        dask_client.amm.start()
+
+
 def _holders(client, data: DaskData) -> list[str]:  # type: ignore[no-untyped-def]
     from distributed import futures_of, wait
 
@@ -279,13 +291,14 @@ def _holders(client, data: DaskData) -> list[str]:  # type: ignore[no-untyped-de
 
 @pytest.mark.parametrize("gather_bytes", [passes.HELD_GATHER_BYTES, 0], ids=["client", "tasks"])
 def test_held_rows_are_reduced_by_one_task_per_worker_where_they_are(
-    dask_client, monkeypatch: pytest.MonkeyPatch, gather_bytes: int
+    amm_paused, monkeypatch: pytest.MonkeyPatch, gather_bytes: int
 ) -> None:
     # one task per worker thread over the chunks that worker holds, combined by the client in
     # the same tree as the combining tasks: not a bit of difference, and no chunk moves;
     # statistics too large to send to the client are combined by tasks
     from distributed import get_task_stream
 
+    dask_client = amm_paused
     monkeypatch.setattr(passes, "HELD_GATHER_BYTES", gather_bytes)
 
     X = blobs(n=4000, d=4, k=3, seed=6)
@@ -385,28 +398,24 @@ def test_a_streamed_chunk_task_fills_no_rows(tmp_path: Path, monkeypatch: pytest
         passes._read_chunk_stats_task((ds, ds.chunks[0], "float64"), centers, None, 0, 2)
 
 
-def test_held_rows_follow_the_chunks_where_the_cluster_put_them(dask_client) -> None:
+def test_held_rows_follow_the_chunks_where_the_cluster_put_them(amm_paused) -> None:
     from distributed import futures_of, get_task_stream
+
+    dask_client = amm_paused
 
     X = blobs(n=3000, d=3, k=3, seed=7)
     centers = _centers(X, 3)[None]
     expected = kernel.chunk_stats(X, centers, n_far=2)
     held = data_from_array(da.from_array(X, chunks=(250, 3))).persist()
     _holders(dask_client, held)
-    # every chunk on both workers: split evenly between them, nothing fetched. The active
-    # memory manager drops extra replicas every 2 s (it once left all on one worker before
-    # the last assertion), so it pauses while this part runs.
-    dask_client.amm.stop()
-    try:
-        dask_client.replicate(futures_of([held.X, held.xsq]), n=2)
-        with get_task_stream(dask_client) as stream:
-            _assert_same_stats(stats_pass(held, centers, n_far=2), expected)
-        assert sorted(_compute_spans(stream.data)) == sorted(
-            ("chunk-stats", address) for address in dask_client.nthreads()
-        )
-        assert sorted(len(g) for g in passes._held_groups(held)) == [6, 6]
-    finally:
-        dask_client.amm.start()
+    # every chunk on both workers: split evenly between them, nothing fetched
+    dask_client.replicate(futures_of([held.X, held.xsq]), n=2)
+    with get_task_stream(dask_client) as stream:
+        _assert_same_stats(stats_pass(held, centers, n_far=2), expected)
+    assert sorted(_compute_spans(stream.data)) == sorted(
+        ("chunk-stats", address) for address in dask_client.nthreads()
+    )
+    assert sorted(len(g) for g in passes._held_groups(held)) == [6, 6]
     # every chunk on one worker: one task, there
     worker = sorted(dask_client.nthreads())[1]
     one = data_from_array(dask_client.persist(da.from_array(X, chunks=(300, 3)), workers=worker))
