@@ -120,8 +120,8 @@ def test_chunk_plan_follows_files_and_row_groups(tmp_path: Path) -> None:
         (0, (0, 1), 14, 0),
         (0, (2, 3), 14, 14),
         (0, (4,), 2, 28),
-        (1, (0, 1), 14, 30),  # a chunk never spans two files
-        (1, (2,), 2, 44),
+        (1, (0,), 7, 30),  # a chunk never spans two files;
+        (1, (1, 2), 9, 37),  # two runs of 16 rows: 7 and 9 rather than 14 and 2
     ]
     # float64 rows are twice as large: the same byte budget holds half the rows
     wide = open_parquet(tmp_path / "in", chunk_bytes=row_bytes * 15, dtype="float64")
@@ -136,6 +136,23 @@ def test_chunk_plan_follows_files_and_row_groups(tmp_path: Path) -> None:
     for ds in (one_group, two_groups, wide):
         assert sum(ds.chunk_sizes()) == ds.n_rows == 46
         assert all(isinstance(c, Chunk) and c.path == ds.files[c.file_index] for c in ds.chunks)
+
+
+def test_chunk_plan_cuts_each_file_as_evenly_as_its_row_groups_allow(tmp_path: Path) -> None:
+    # 15 row groups of 4 rows and one of 3 (63 rows), at most 28 rows (7 groups) a chunk: three
+    # chunks, as filling each to the budget would make (28, 28, 7), but of 20, 20 and 23 rows
+    write_parquet(tmp_path / "a.parquet", _X(63), row_group_rows=4)
+    ds = open_parquet(tmp_path / "a.parquet", chunk_bytes=8 * 28)  # float32, two features
+    assert _chunks(ds) == [
+        (0, tuple(range(5)), 20, 0),
+        (0, tuple(range(5, 10)), 20, 20),
+        (0, tuple(range(10, 16)), 23, 40),
+    ]
+    # three row groups of 10 rows: two chunks under a budget of 25 rows (no even cut exists),
+    # and a row group over the budget is a chunk of its own
+    write_parquet(tmp_path / "b.parquet", _X(30), row_group_rows=10)
+    assert open_parquet(tmp_path / "b.parquet", chunk_bytes=8 * 25).chunk_sizes() == (20, 10)
+    assert open_parquet(tmp_path / "b.parquet", chunk_bytes=8 * 5).chunk_sizes() == (10, 10, 10)
 
 
 def test_chunk_plan_reads_only_footers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
