@@ -14,6 +14,7 @@ import errno
 import fcntl
 import hashlib
 import math
+import mmap
 import os
 import posixpath
 import shutil
@@ -468,29 +469,40 @@ def _use_returning_allocator() -> None:
 
 
 class _MappedParquetFile:
-    """A local Parquet file whose row groups are each read from a memory map of their own.
+    """A local Parquet file read from one memory map, each row group's pages dropped from the
+    process as soon as it is read.
 
     Read from a map, Arrow decompresses and decodes straight from the page cache, without the
     copy that read calls make: 10-15% less CPU (8 of the bench's files, row group by row
-    group, one thread: 1.24-1.34 s instead of 1.48-1.80 s), and a streamed pass of 36M x 32 on
-    two 512 MB workers 5.80 s instead of 6.46 s (medians of 4, alternating in one cluster).
-    The pages read stay in the process's memory while mapped, so each map covers one row
-    group's read: the workers' peak grew by 14 MiB (341 -> 355 MiB), where one map per chunk
-    held a chunk's pages (+51 MiB). Arrow's own I/O, no Python file object in between (which
-    took the GIL per read). A file cut short while a row group is read from it kills the
-    reading process (SIGBUS) instead of failing the read; Dask retries the task elsewhere.
+    group, one thread: 1.24-1.34 s instead of 1.48-1.80 s). Mapped pages count in the
+    process's RSS, which Dask holds against the worker's memory limit, so after each row
+    group the whole map is advised away (``MADV_DONTNEED``): the pages stay in the page
+    cache, the process holds none of them between reads. An earlier version mapped the file
+    anew for every row group, for the same reason. In one process both read alike (170 ms
+    per million rows, 96 row groups of the bench's data, medians of 6), but in a streamed
+    pass of 36M x 32 on two 512 MB workers the workers took 13.84 s of CPU against 14.48
+    (the pass 7.25 s against 7.64; medians of 6, alternating in one cluster; one map faster
+    in 5 of the 6 pairs), with the same peaks. The map is unmapped when the last buffer on
+    it goes: with the ``ParquetFile``, unless Arrow returned slices of it (pyarrow 26 copies). A file
+    cut short while mapped kills the reading process (SIGBUS) instead of failing the read;
+    Dask retries the task elsewhere.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
-        with pa.memory_map(path, "r") as handle:
-            self.metadata = pq.ParquetFile(handle).metadata
+        with open(path, "rb") as handle:
+            try:
+                self._map = mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ)
+            except ValueError:  # an empty file cannot be mapped
+                raise InputError(f"file '{path}' changed while it was read: it is empty.") from None
+        # pre_buffer=False: coalescing the reads would hold all of them at once
+        self._file = pq.ParquetFile(pa.BufferReader(pa.py_buffer(self._map)), pre_buffer=False)
+        self.metadata = self._file.metadata
 
     def read_row_group(self, i: int, columns: list[str]) -> pa.Table:
-        with pa.memory_map(self.path, "r") as handle:
-            # pre_buffer=False: coalescing the reads would hold all of them at once
-            parquet = pq.ParquetFile(handle, metadata=self.metadata, pre_buffer=False)
-            return parquet.read_row_group(i, columns=columns)
+        table = self._file.read_row_group(i, columns=columns)
+        self._map.madvise(mmap.MADV_DONTNEED)
+        return table
 
 
 @contextlib.contextmanager

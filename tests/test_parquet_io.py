@@ -369,6 +369,43 @@ def test_mapped_row_groups_outlive_their_map(tmp_path: Path, compression: str) -
     assert pa.concat_tables(parts).equals(table.select(["b", "a"]))
 
 
+def _mapped_rss(path: Path) -> int:
+    """Bytes of ``path``'s pages in this process's memory (its maps' Rss in /proc/self/smaps)."""
+    total, ours = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()
+            if not head[0].endswith(":"):  # a map's header: range, perms, offset, dev, inode[, path]
+                ours = len(head) >= 6 and head[5] == str(path)
+            elif ours and head[0] == "Rss:":
+                total += int(head[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc")
+def test_mapped_row_groups_leave_no_pages_in_the_process(tmp_path: Path) -> None:
+    # a streamed chunk's pages would count against a Dask worker's memory limit
+    n = 3 * 65536
+    table = pa.table({"a": np.arange(n, dtype=np.float32), "b": np.ones(n, np.float32)})
+    path = tmp_path / "m.parquet"
+    pq.write_table(table, path, row_group_size=65536, compression="none", use_dictionary=False)
+    mapped = parquet_io._MappedParquetFile(str(path))
+    for i in range(3):
+        part = mapped.read_row_group(i, columns=["a", "b"])
+        assert part.column("a").to_pylist()[:2] == [65536.0 * i, 65536.0 * i + 1]
+        assert 0 <= _mapped_rss(path) < 64 << 10  # 512 KiB read, none of it kept
+    del mapped
+    assert _mapped_rss(path) == 0  # unmapped
+
+
+def test_a_file_emptied_after_planning_is_named(tmp_path: Path) -> None:
+    path = _file_with(tmp_path, x0=pa.array([1.0, 2.0], pa.float32()))
+    ds = open_parquet(tmp_path)
+    path.write_bytes(b"")
+    with pytest.raises(InputError, match=r"file '.*p\.parquet' changed while it was read: it is empty"):
+        read_chunk(ds, ds.chunks[0])
+
+
 @pytest.mark.parametrize(
     "out",
     [
