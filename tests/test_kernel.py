@@ -360,18 +360,23 @@ def test_far_rows_ties_at_cutoff_broken_by_lowest_index() -> None:
     np.testing.assert_array_equal(s.far_index, [[147, 148, 149, 100, 101]])
 
 
+@pytest.mark.parametrize("weighted", [True, False])
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("m", [1, 7, 64])
-def test_far_rows_found_in_the_pass_match_a_full_sort(ties: bool, m: int) -> None:
+def test_far_rows_found_in_the_pass_match_a_full_sort(ties: bool, m: int, weighted: bool) -> None:
     """The pass's heaps give the farthest rows when they are unique; with ties at the cut-off
     (integer rows: likely) the partition takes over. Either way: the first m rows of positive weight
-    by distance, then index, over several tiles and two restarts."""
+    by distance, then index, over several tiles and two restarts. Without weights, a tile none of
+    whose rows gets into a full heap is passed over whole, so the farthest rows also come late
+    (the last tile) and in the middle of a tile."""
     rng = np.random.default_rng(m)
     n = 5000
     X = rng.integers(-3, 4, size=(n, 2)).astype(np.float64) if ties else rng.normal(size=(n, 2))
-    w = rng.integers(0, 3, size=n).astype(np.float64)  # a third of the rows weigh nothing
+    X[[2500, 4990]] *= 10  # far from every mean, late in the chunk
+    # a third of the rows weigh nothing
+    w = rng.integers(0, 3, size=n).astype(np.float64) if weighted else np.ones(n)
     centers = rng.normal(size=(2, 3, 2))
-    s = chunk_stats(X, centers, weights=w, offset=7, n_far=m)
+    s = chunk_stats(X, centers, weights=w if weighted else None, offset=7, n_far=m)
     for r in range(2):
         dist = _ref_distances(X, centers[r]).min(axis=1)
         rows = np.flatnonzero(w > 0)
@@ -381,7 +386,8 @@ def test_far_rows_found_in_the_pass_match_a_full_sort(ties: bool, m: int) -> Non
     if not ties:  # the heaps' rows were taken, not the partition's
         labels = np.empty((2, n), np.int32)
         d1 = np.empty((2, n))
-        *_, (unique, _) = kernel._pass(X, centers, None, w, labels, d1, checksum=False, n_far=m)
+        *_, (unique, _) = kernel._pass(X, centers, None, w if weighted else None, labels, d1,
+                                       checksum=False, n_far=m)  # fmt: skip
         assert unique.all()
 
 
