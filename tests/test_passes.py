@@ -380,6 +380,54 @@ def test_a_streamed_pass_over_float32_parquet_reads_in_place(tmp_path: Path, das
     )
 
 
+@pytest.mark.parametrize(
+    ("n_chunks", "threads", "tasks_per_group"),
+    [
+        (105, 2, [2] * 11 + [8, 8, 1]),  # the last 16 chunks (and the rest of their groups) alone
+        (20, 2, [8, 8, 4]),  # no more than 16 chunks: one per task
+        (40, 1, [2, 2, 2, 2, 8]),
+        (41, 1, [2, 2, 2, 2, 8, 1]),  # the groups holding the last 8 chunks
+        (10, None, [8, 2]),  # no distributed client: one chunk per task
+        (1, 4, [1]),
+    ],
+)
+def test_streamed_tasks_read_several_chunks_until_the_tail(
+    n_chunks: int, threads: int | None, tasks_per_group: list[int]
+) -> None:
+    assert (passes.STREAMED_CHUNKS_PER_TASK, passes.STREAMED_TAIL_TASKS_PER_THREAD) == (4, 8)
+    batches = passes._streamed_batches(n_chunks, threads)
+    assert [len(group) for group in batches] == tasks_per_group
+    flat = [r for group in batches for r in group]
+    assert [a for a, _ in flat] == sorted(a for a, _ in flat) and flat[0][0] == 0
+    assert all(b == a2 for (_, b), (a2, _) in itertools.pairwise(flat)) and flat[-1][1] == n_chunks
+    assert all(a // 8 == (b - 1) // 8 for a, b in flat)  # never across a group of the tree
+
+
+def test_a_streamed_pass_in_tasks_of_several_chunks_gives_the_same_bits(
+    tmp_path: Path, dask_client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from distributed import get_task_stream
+
+    X = blobs(n=3000, d=3, k=4, seed=21).astype(np.float32)
+    write_split(tmp_path / "in", X, [1100, 1900], row_group_rows=50)
+    ds = open_parquet(tmp_path / "in", id_column="id", chunk_bytes=4 * 3 * 100)
+    assert len(ds.chunks) == 30
+    data = data_from_parquet(ds)
+    centers = np.stack([_centers(X, 4, s) for s in range(2)])
+    previous = centers + 0.1
+    one_by_one = stats_pass(data, centers, previous=previous, n_far=3)
+    # two threads, a tail of 2 chunks: the groups of 8 chunks 0-7, 8-15 and 16-23 in tasks of
+    # 4, the last group's 6 chunks one per task
+    monkeypatch.setattr(passes, "STREAMED_TAIL_TASKS_PER_THREAD", 1)
+    with get_task_stream(dask_client) as stream:
+        batched = stats_pass(data, centers, previous=previous, n_far=3)
+    names = [name for name, _ in _compute_spans(stream.data)]
+    assert names.count("chunk-stats") == 3 * 2 + 6
+    _assert_same_stats(batched, one_by_one, rtol=0)
+    np.testing.assert_array_equal(batched.sums, one_by_one.sums)  # not only within atol
+    _assert_same_stats(batched, stats_pass(data.persist(), centers, previous=previous, n_far=3), rtol=0)
+
+
 def test_a_streamed_chunk_task_fills_no_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     X = blobs(n=500, d=4, k=3, seed=2).astype(np.float32)
     write_parquet(tmp_path / "p.parquet", X, row_group_rows=64)
