@@ -25,7 +25,7 @@ import dask.array as da
 import numpy as np
 from dask.base import tokenize
 from dask.delayed import Delayed, delayed
-from dask.highlevelgraph import HighLevelGraph
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from dask.task_spec import DataNode, List, Task, TaskRef
 
 from . import kernel, parquet_io
@@ -67,11 +67,11 @@ HELD_GATHER_BYTES = 16 << 20
 #: Chunks a task of a streamed pass reads one after the other, while the pass has chunks to
 #: spare: each task costs the client, the scheduler and the worker messages and bookkeeping.
 #: The last ``STREAMED_TAIL_TASKS_PER_THREAD`` chunks per worker thread (whole groups of the
-#: reduction tree) stay one per task, so that the workers still finish together. A pass over
-#: 105 chunks of 36M x 32 rows on two 512 MB workers: 39 tasks instead of 105, 7.56 s instead
-#: of 7.78 and 14.55 s of CPU instead of 15.01 (medians of 5, alternating in one cluster);
-#: with every chunk in tasks of 4, the workers' last tasks ended apart and the pass was no
-#: faster than one chunk per task.
+#: reduction tree) stay one per task, and run last, so that the workers still finish
+#: together. A pass over 105 chunks of 36M x 32 rows on two 512 MB workers: 39 tasks instead
+#: of 105, 7.50 s instead of 7.76 and 14.71 s of CPU instead of 15.16 (medians of 5,
+#: alternating in one cluster). With every chunk in tasks of 4, or the tasks of one chunk
+#: run first (Dask's own order), the workers' last tasks ended up to 0.6 s apart.
 STREAMED_CHUNKS_PER_TASK = 4
 STREAMED_TAIL_TASKS_PER_THREAD = 8
 
@@ -449,9 +449,10 @@ def stats_pass(
     """
     token = uuid.uuid4().hex
     tasks: dict[str, Any] = {}
+    inputs: dict[str, DataNode] = {}  # the means, when they are not written into the tasks
 
     def data_node(key: str, value: np.ndarray) -> TaskRef:
-        tasks[key] = DataNode(key, value)
+        inputs[key] = DataNode(key, value)
         return TaskRef(key)
 
     n_init, k, d = np.shape(centers)
@@ -475,7 +476,7 @@ def stats_pass(
             offsets = tuple(blocks[i][3] for i in group)
             tasks[key] = Task(key, _held_chunks_stats_task, x, w, q, offsets, means, before, n_far)
             dependencies += [b for i in group for b in blocks[i][:3] if b is not None]
-        graph = HighLevelGraph.from_collections(layer, tasks, dependencies=dependencies)
+        graph = HighLevelGraph.from_collections(layer, tasks | inputs, dependencies=dependencies)
         roots = [Delayed(key, graph, layer=layer) for key in keys]
         per_task = dask.compute(*roots, retries=RETRIES)
         per_chunk: list[Any] = [None] * len(data.offsets)
@@ -488,15 +489,31 @@ def stats_pass(
         total = _reduce_in_order(per_chunk, kernel.add_stats)
         return kernel.with_farthest(total, per_chunk)
     if data.read_specs is not None and data.xsq is None:
-        combining, root = _streamed_tasks(token, data, means, before, n_far)
-    else:
-        for key, (x, w, q, off) in zip(keys, data.blocks(), strict=True):
-            blocks = [_ref(b) for b in (x, w, q)]
-            tasks[key] = Task(key, _chunk_stats_task, *blocks, means, before, off, n_far)
-            dependencies += [b for b in (x, w, q) if b is not None]
-        combining, root = _reduce_tasks(f"combine-stats-{token}", keys, kernel.combine_stats)
+        ahead, combining, root = _streamed_tasks(token, data, means, before, n_far)
+        tasks.update(combining)
+        # the tasks of several chunks first, whatever order Dask gives the graph (it ran the
+        # last chunks' first), so that the pass ends with tasks of one chunk
+        graph = HighLevelGraph(
+            {
+                f"{layer}-inputs": MaterializedLayer(inputs),
+                f"{layer}-ahead": MaterializedLayer(ahead, annotations={"priority": 1}),
+                layer: MaterializedLayer(tasks),
+            },
+            {
+                f"{layer}-inputs": set(),
+                f"{layer}-ahead": {f"{layer}-inputs"},
+                layer: {f"{layer}-inputs", f"{layer}-ahead"},
+            },
+        )
+        (total,) = dask.compute(Delayed(root, graph, layer=layer), retries=RETRIES)
+        return total
+    for key, (x, w, q, off) in zip(keys, data.blocks(), strict=True):
+        blocks = [_ref(b) for b in (x, w, q)]
+        tasks[key] = Task(key, _chunk_stats_task, *blocks, means, before, off, n_far)
+        dependencies += [b for b in (x, w, q) if b is not None]
+    combining, root = _reduce_tasks(f"combine-stats-{token}", keys, kernel.combine_stats)
     tasks.update(combining)
-    graph = HighLevelGraph.from_collections(layer, tasks, dependencies=dependencies)
+    graph = HighLevelGraph.from_collections(layer, tasks | inputs, dependencies=dependencies)
     (total,) = dask.compute(Delayed(root, graph, layer=layer), retries=RETRIES)
     return total
 
@@ -507,15 +524,17 @@ def _ref(block: Delayed | None) -> TaskRef | None:
 
 def _streamed_tasks(
     token: str, data: DaskData, means: Any, before: Any, n_far: int, split_every: int = 8
-) -> tuple[dict[str, Task], str]:
-    """The tasks of a streamed pass and the key of its root: tasks that each read up to
-    ``STREAMED_CHUNKS_PER_TASK`` chunks in a row (never across a group of the reduction tree),
-    then one chunk per task for the pass's tail (``_streamed_batches``), and the tree of
-    ``_reduce_tasks`` over the chunks, its first level taking the tasks' lists of per-chunk
-    statistics: the same sums, in the same order, as one task per chunk."""
+) -> tuple[dict[str, Task], dict[str, Task], str]:
+    """The tasks of a streamed pass, as the tasks of several chunks, the others, and the key
+    of the root: tasks that each read up to ``STREAMED_CHUNKS_PER_TASK`` chunks in a row
+    (never across a group of the reduction tree), one chunk per task for the pass's tail
+    (``_streamed_batches``), and the tree of ``_reduce_tasks`` over the chunks, its first
+    level taking the tasks' lists of per-chunk statistics: the same sums, in the same order,
+    as one task per chunk."""
     assert data.read_specs is not None
     n = len(data.read_specs)
     batches = _streamed_batches(n, _cluster_threads(), split_every)
+    ahead: dict[str, Task] = {}
     tasks: dict[str, Task] = {}
     first_level = []
     for g, lo in enumerate(range(0, n, split_every)):
@@ -523,7 +542,8 @@ def _streamed_tasks(
         for a, b in batches[g]:
             key = f"chunk-stats-{token}-{a}"
             specs, offsets = data.read_specs[a:b], data.offsets[a:b]
-            tasks[key] = Task(key, _read_chunks_stats_task, specs, offsets, means, before, n_far)
+            task = Task(key, _read_chunks_stats_task, specs, offsets, means, before, n_far)
+            (ahead if b - a > 1 else tasks)[key] = task
             keys.append(key)
         key = f"combine-stats-{token}-first-{g}"
         lists = List(*(TaskRef(k) for k in keys))
@@ -531,7 +551,7 @@ def _streamed_tasks(
         first_level.append(key)
     above, root = _reduce_tasks(f"combine-stats-{token}", first_level, kernel.combine_stats, split_every)
     tasks.update(above)
-    return tasks, root
+    return ahead, tasks, root
 
 
 def _streamed_batches(

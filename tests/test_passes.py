@@ -423,6 +423,15 @@ def test_a_streamed_pass_in_tasks_of_several_chunks_gives_the_same_bits(
         batched = stats_pass(data, centers, previous=previous, n_far=3)
     names = [name for name, _ in _compute_spans(stream.data)]
     assert names.count("chunk-stats") == 3 * 2 + 6
+    # the tasks of several chunks go first (Dask alone would start with the last chunks)
+    started = sorted(
+        (span["start"], int(rec["key"].rsplit("-", 1)[1]))
+        for rec in stream.data
+        if rec["key"].startswith("chunk-stats")
+        for span in rec["startstops"]
+        if span["action"] == "compute"
+    )
+    assert started[-1][1] >= 24, started
     _assert_same_stats(batched, one_by_one, rtol=0)
     np.testing.assert_array_equal(batched.sums, one_by_one.sums)  # not only within atol
     _assert_same_stats(batched, stats_pass(data.persist(), centers, previous=previous, n_far=3), rtol=0)
