@@ -389,6 +389,7 @@ def _splatter(vt, scalar):  # type: ignore[no-untyped-def]
 
 
 _load16 = _loader(_f32x16)
+_store16 = _storer(_f32x16)
 _store_f64x8 = _storer(_f64x8)
 _store_i32x16 = _storer(_i32x16)
 _splat16 = _splatter(_f32x16, types.float32)
@@ -408,6 +409,16 @@ def _fma16(typingctx, a, b, c):  # type: ignore[no-untyped-def]
         return builder.call(fn, args)
 
     return _f32x16(_f32x16, _f32x16, _f32x16), codegen
+
+
+@intrinsic
+def _sub16(typingctx, a, b):  # type: ignore[no-untyped-def]
+    """``a - b``, lane by lane."""
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        return builder.fsub(args[0], args[1])
+
+    return _f32x16(_f32x16, _f32x16), codegen
 
 
 @intrinsic
@@ -941,13 +952,20 @@ def _transpose_columns_impl(X, start, b, XT):  # type: ignore[no-untyped-def]
         ng, nr = (g, r0 + b) if start + b < X.bounds[g + 1] else (g + 1, 0)
         n_next = 0 if ng >= X.addrs.shape[0] else X.bounds[ng + 1] - X.bounds[ng]
         pf_end = min(nr + b, n_next)
+        full = b // 16 * 16
         for f in range(XT.shape[0]):
             column = numba.carray(_float32_pointer(X.addrs[g, f]), (r0 + b,))
             o = X.origin[f]
-            for ii in range(b):
-                XT[f, ii] = column[r0 + ii] - o
+            row = XT[f]
+            # in explicit lanes: LLVM left the plain loop scalar (24 ms per million rows of
+            # 32 columns in cache, against 4.6)
+            shift = _splat16(o)
+            for ii in range(0, full, 16):
+                _store16(row, ii, _sub16(_load16(column, r0 + ii), shift))
+            for ii in range(full, b):
+                row[ii] = column[r0 + ii] - o
             for ii in range(b, (b + 31) // 32 * 32):  # whole blocks for the SIMD path
-                XT[f, ii] = 0
+                row[ii] = 0
             if nr < pf_end:
                 following = numba.carray(_float32_pointer(X.addrs[ng, f]), (pf_end,))
                 for e in range(nr, pf_end, 16):
