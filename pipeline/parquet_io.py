@@ -483,9 +483,9 @@ class _MappedParquetFile:
     pass of 36M x 32 on two 512 MB workers the workers took 13.84 s of CPU against 14.48
     (the pass 7.25 s against 7.64; medians of 6, alternating in one cluster; one map faster
     in 5 of the 6 pairs), with the same peaks. The map is unmapped when the last buffer on
-    it goes: with the ``ParquetFile``, unless Arrow returned slices of it (pyarrow 26 copies). A file
-    cut short while mapped kills the reading process (SIGBUS) instead of failing the read;
-    Dask retries the task elsewhere.
+    it goes: with the ``ParquetFile``, unless Arrow returned slices of it (pyarrow 26 copies).
+    A file cut short while mapped kills the reading process (SIGBUS) instead of failing the
+    read; Dask retries the task elsewhere.
     """
 
     def __init__(self, path: str) -> None:

@@ -443,9 +443,11 @@ def stats_pass(
     per-chunk statistics (up to ``HELD_GATHER_BYTES`` of them): a pass's time beyond its
     busiest worker's computing went from 38 to 25 ms (median of 24 passes over 8 chunks of
     1.25M x 32 rows on 2 workers), the gaps between a worker's chunk tasks and the hop to a
-    combining task gone. Otherwise one task per chunk and a tree of combining tasks. Both
-    combine the chunks in the same fixed tree (``_reduce_tasks``, ``_reduce_in_order``), so
-    which way a pass goes, and which task finishes first, never changes a bit of the result.
+    combining task gone. Rows streamed from Parquet are read by tasks of up to
+    ``STREAMED_CHUNKS_PER_TASK`` chunks, then one chunk per task (``_streamed_tasks``); other
+    rows by one task per chunk; both with a tree of combining tasks. All combine the chunks in
+    the same fixed tree (``_reduce_tasks``, ``_reduce_in_order``), so which way a pass goes,
+    and which task finishes first, never changes a bit of the result.
     """
     token = uuid.uuid4().hex
     tasks: dict[str, Any] = {}
