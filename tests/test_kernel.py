@@ -373,7 +373,7 @@ def test_far_rows_found_in_the_pass_match_a_full_sort(ties: bool, m: int, weight
     n = 5000
     X = rng.integers(-3, 4, size=(n, 2)).astype(np.float64) if ties else rng.normal(size=(n, 2))
     X[[2500, 4990]] *= 10  # far from every mean, late in the chunk
-    # a third of the rows weigh nothing
+    # weighted, a third of the rows weigh nothing
     w = rng.integers(0, 3, size=n).astype(np.float64) if weighted else np.ones(n)
     centers = rng.normal(size=(2, 3, 2))
     s = chunk_stats(X, centers, weights=w if weighted else None, offset=7, n_far=m)

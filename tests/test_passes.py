@@ -415,7 +415,9 @@ def test_a_streamed_pass_in_tasks_of_several_chunks_gives_the_same_bits(
     data = data_from_parquet(ds)
     centers = np.stack([_centers(X, 4, s) for s in range(2)])
     previous = centers + 0.1
-    one_by_one = stats_pass(data, centers, previous=previous, n_far=3)
+    with monkeypatch.context() as one_per_task:
+        one_per_task.setattr(passes, "STREAMED_CHUNKS_PER_TASK", 1)
+        one_by_one = stats_pass(data, centers, previous=previous, n_far=3)
     # two threads, a tail of 2 chunks: the groups of 8 chunks 0-7, 8-15 and 16-23 in tasks of
     # 4, the last group's 6 chunks one per task
     monkeypatch.setattr(passes, "STREAMED_TAIL_TASKS_PER_THREAD", 1)
