@@ -489,7 +489,6 @@ class _MappedParquetFile:
     """
 
     def __init__(self, path: str) -> None:
-        self.path = path
         with open(path, "rb") as handle:
             try:
                 self._map = mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ)
