@@ -507,15 +507,14 @@ def stats_pass(
                 layer: {f"{layer}-inputs", f"{layer}-ahead"},
             },
         )
-        (total,) = dask.compute(Delayed(root, graph, layer=layer), retries=RETRIES)
-        return total
-    for key, (x, w, q, off) in zip(keys, data.blocks(), strict=True):
-        blocks = [_ref(b) for b in (x, w, q)]
-        tasks[key] = Task(key, _chunk_stats_task, *blocks, means, before, off, n_far)
-        dependencies += [b for b in (x, w, q) if b is not None]
-    combining, root = _reduce_tasks(f"combine-stats-{token}", keys, kernel.combine_stats)
-    tasks.update(combining)
-    graph = HighLevelGraph.from_collections(layer, tasks | inputs, dependencies=dependencies)
+    else:
+        for key, (x, w, q, off) in zip(keys, data.blocks(), strict=True):
+            blocks = [_ref(b) for b in (x, w, q)]
+            tasks[key] = Task(key, _chunk_stats_task, *blocks, means, before, off, n_far)
+            dependencies += [b for b in (x, w, q) if b is not None]
+        combining, root = _reduce_tasks(f"combine-stats-{token}", keys, kernel.combine_stats)
+        tasks.update(combining)
+        graph = HighLevelGraph.from_collections(layer, tasks | inputs, dependencies=dependencies)
     (total,) = dask.compute(Delayed(root, graph, layer=layer), retries=RETRIES)
     return total
 
